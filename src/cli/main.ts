@@ -1,0 +1,156 @@
+/**
+ * The `imagekeep` command: parses arguments (commander), calls the library, prints results
+ * (text, or JSON with --json) and turns errors into one line and an exit code.
+ */
+import { Command, Option } from 'commander';
+import { backup } from '../chain/backup.js';
+import { describeFolder } from '../chain/describe.js';
+import { exportRaw, restore } from '../chain/export.js';
+import { KeyRing } from '../chain/image/reader.js';
+import { openPoint, resolvePath } from '../chain/open.js';
+import { readSidecar } from '../chain/sidecar.js';
+
+import { describeError } from './errors.js';
+import { humanBytes, parseSize, parseTime, progressBar, readPassword, table, warnLine } from './output.js';
+
+const program = new Command('imagekeep')
+  .description('Block-level image backups: an open image format, chains of incrementals, and any point in time read back.')
+  .version('0.1.0')
+  .showHelpAfterError('(run with --help for usage)')
+  .configureOutput({ outputError: (str, write) => write(str) });
+
+program.command('backup')
+  .description('Take a full or incremental image of a disk image file or block device into a backup folder.\n' +
+    'The first backup of a volume (or --full) starts a new chain (base .spf); later ones add incrementals (.spi)\n' +
+    'holding only the blocks that changed. By default free space of NTFS and ext2/3/4 volumes is recorded as zero\n' +
+    '(active-sector mode); --forensic keeps every non-zero block so a restore is byte-identical.')
+  .argument('<source>', 'raw disk image file or block device')
+  .argument('<folder>', 'backup folder (created when missing)')
+  .option('--volume <name>', 'volume name used in file names (default: the folder\'s only volume, else C_VOL)')
+  .option('--full', 'start a new chain with a full base image')
+  .option('--at <time>', 'capture time to record (ISO-8601; must be after the previous point); also the file mtime')
+  .option('--forensic', 'store every non-zero block, free space included')
+  .option('--block-size <bytes>', 'block size of a new chain (power of two, 4K..4M)', '65536')
+  .addOption(new Option('--compress <method>', 'block compression').choices(['zstd', 'none']).default('zstd'))
+  .option('--compress-level <n>', 'zstd level', '1')
+  .option('--password-file <file>', 'encrypt a new chain / open an encrypted one with the password in FILE (or IMAGEKEEP_PASSWORD_FILE)')
+  .option('--changed-blocks <file>', 'read only these byte ranges ("OFFSET LENGTH" per line) for an incremental')
+  .option('--pre <command>', 'shell command to run before reading (e.g. fsfreeze -f)')
+  .option('--post <command>', 'shell command to run after reading, also when the backup fails')
+  .option('--json', 'print the result as JSON')
+  .action(async (source: string, folder: string, o) => {
+    const bar = o.json ? null : progressBar('backup');
+    const r = await backup(source, folder, {
+      volume: o.volume, full: !!o.full, at: o.at ? parseTime(o.at, '--at') : undefined, forensic: !!o.forensic,
+      blockSize: parseSize(o.blockSize, '--block-size'), compression: o.compress, compressionLevel: Number(o.compressLevel),
+      password: await readPassword(o.passwordFile), changedBlocksFile: o.changedBlocks, pre: o.pre, post: o.post,
+      onWarning: warnLine, onProgress: bar?.update,
+    }).finally(() => bar?.stop());
+    if (o.json) console.log(JSON.stringify(r, null, 2));
+    else {
+      console.log(`${r.image}: ${r.kind} of ${humanBytes(r.sourceBytes)}, ${r.dataBlocks} blocks stored, ${r.zeroBlocks} recorded as zero, ` +
+        `${humanBytes(r.imageBytes)} written in ${r.seconds.toFixed(1)} s (${humanBytes(r.bytesRead / Math.max(r.seconds, 0.001))}/s read)`);
+    }
+  });
+
+program.command('ls')
+  .description('List the chains of a backup folder: each file with its level, range, point time, size and .md5 state.')
+  .argument('<folder>')
+  .option('--json', 'print as JSON')
+  .action(async (folder: string, o) => {
+    const d = await describeFolder(folder);
+    if (o.json) { console.log(JSON.stringify(d, null, 2)); return; }
+    if (d.chains.length === 0) console.log(`${d.folder}: no images`);
+    for (const c of d.chains) {
+      console.log(`${c.volume}-b${String(c.base).padStart(3, '0')}  ${c.sourceKind}, ${humanBytes(c.virtualSize)}, blocks of ${humanBytes(c.blockSize)}, ` +
+        `${c.compression}${c.encrypted ? ', encrypted' : ''}${c.forensic ? ', forensic' : ''}; newest ${c.newest ?? '-'}`);
+      const rows = [['FILE', 'LEVEL', 'POINTS', 'TIME', 'SIZE', 'MD5', 'PATH']];
+      for (const f of c.files) {
+        rows.push([f.name, f.level, f.first === f.last ? String(f.last) : `${f.first}-${f.last}`, f.pointTime.replace('.000Z', 'Z'), humanBytes(f.bytes), f.md5, f.onNewestPath ? '*' : '']);
+      }
+      console.log(table(rows).split('\n').map((l) => '  ' + l).join('\n'));
+      for (const p of c.problems) console.log(`  ! ${p.name}: ${p.error}`);
+    }
+    for (const s of d.strays) console.log(`! ${s}: named like an image but not an imagekeep name; ignored`);
+  });
+
+program.command('qp')
+  .description('Print the dependency path of an image: the files needed to read its point in time, newest first.')
+  .argument('<image>')
+  .option('--json', 'print paths, ranges, levels and times as JSON')
+  .action(async (image: string, o) => {
+    const { path } = await resolvePath(image);
+    if (o.json) {
+      console.log(JSON.stringify(path.map((f) => ({
+        name: f.name, path: f.path, first: f.first, last: f.last, levelBits: f.levelBits,
+        pointTime: new Date(f.header.pointTime).toISOString(), endPointId: f.header.endPointId.toString('hex'),
+      })), null, 2));
+    } else for (const f of path) console.log(f.name);
+  });
+
+async function pointFor(image: string, passwordFile: string | undefined) {
+  const keyring = new KeyRing(await readPassword(passwordFile));
+  const { point, path } = await openPoint(image, keyring);
+  for (const f of path) {
+    if ((await readSidecar(f.path, f.name)) === null) warnLine(`${f.name} has no .md5 sidecar; reading it anyway (every block is checked against its own checksum)`);
+  }
+  return point;
+}
+
+program.command('export')
+  .description('Write the point in time of an image to a new file (sparse raw; other formats follow).')
+  .argument('<image>')
+  .argument('<out>')
+  .addOption(new Option('--format <format>', 'output format').choices(['raw']).default('raw'))
+  .option('--force', 'replace <out> when it exists')
+  .option('--password-file <file>', 'password of an encrypted chain (or IMAGEKEEP_PASSWORD_FILE)')
+  .option('--json', 'print the result as JSON')
+  .action(async (image: string, out: string, o) => {
+    const point = await pointFor(image, o.passwordFile);
+    const bar = o.json ? null : progressBar('export');
+    try {
+      const r = await exportRaw(point, out, { force: !!o.force, onProgress: bar?.update });
+      bar?.stop();
+      if (o.json) console.log(JSON.stringify(r, null, 2));
+      else console.log(`${out}: ${humanBytes(r.bytes)} (${humanBytes(r.dataBytes)} of data) in ${r.seconds.toFixed(1)} s`);
+    } finally {
+      bar?.stop();
+      await point.close();
+    }
+  });
+
+program.command('restore')
+  .description('Write the point in time of an image onto a block device or disk image file. Refuses a target\n' +
+    'that is mounted (or served by a FUSE filesystem) or smaller than the point.')
+  .argument('<image>')
+  .argument('<target>', 'block device or file (a new file is created sparse)')
+  .option('--password-file <file>', 'password of an encrypted chain (or IMAGEKEEP_PASSWORD_FILE)')
+  .option('--json', 'print the result as JSON')
+  .action(async (image: string, target: string, o) => {
+    const point = await pointFor(image, o.passwordFile);
+    const bar = o.json ? null : progressBar('restore');
+    try {
+      const r = await restore(point, target, { onProgress: bar?.update });
+      bar?.stop();
+      if (o.json) console.log(JSON.stringify(r, null, 2));
+      else console.log(`${target}: restored ${humanBytes(r.bytes)} in ${r.seconds.toFixed(1)} s`);
+    } finally {
+      bar?.stop();
+      await point.close();
+    }
+  });
+
+program.exitOverride();
+try {
+  await program.parseAsync(process.argv);
+} catch (e) {
+  const ce = e as { code?: string; exitCode?: number };
+  if (typeof ce.code === 'string' && ce.code.startsWith('commander.')) {
+    process.exitCode = ce.code === 'commander.helpDisplayed' || ce.code === 'commander.version' || ce.code === 'commander.help' ? 0 : 2;
+  } else {
+    if (process.env.IMAGEKEEP_DEBUG) console.error(e);
+    const { line, code } = describeError(e);
+    process.stderr.write(`imagekeep: ${line}\n`);
+    process.exitCode = code;
+  }
+}
