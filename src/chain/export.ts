@@ -31,21 +31,25 @@ async function copyPoint(point: PointInTime, file: LocalFile, sparse: boolean, o
   let dataBytes = 0;
   const zero = sparse ? null : Buffer.alloc(point.blockSize);
   // Decoding is synchronous; a small window of reads in flight keeps the disk busy meanwhile.
+  // Every promise in the window is handled at once so one failure cannot go unobserved.
   const window = 8;
   const pending: Promise<void>[] = [];
-  for (let b = 0; b < point.blockCount; b++) {
+  let failure: unknown = null;
+  const track = (p: Promise<void>) => pending.push(p.catch((e) => { failure ??= e; }));
+  for (let b = 0; b < point.blockCount && failure === null; b++) {
     if (opts.signal?.aborted) throw opts.signal.reason ?? new Error('aborted');
     const at = b * point.blockSize;
     const loc = point.locate(b);
     if (loc) {
-      pending.push(loc.image.readBlock(loc.pos).then((data) => { dataBytes += data.length; return durableWrite(file, data, at); }));
+      track(loc.image.readBlock(loc.pos).then((data) => { dataBytes += data.length; return durableWrite(file, data, at); }));
     } else if (zero) {
-      pending.push(durableWrite(file, zero.subarray(0, blockLength(b, point.size, point.blockSize)), at));
+      track(durableWrite(file, zero.subarray(0, blockLength(b, point.size, point.blockSize)), at));
     }
     if (pending.length >= window) await pending.shift();
     if (b % 256 === 0) opts.onProgress?.(at, point.size);
   }
   await Promise.all(pending);
+  if (failure !== null) throw failure;
   opts.onProgress?.(point.size, point.size);
   return dataBytes;
 }

@@ -114,7 +114,11 @@ export function encodeHeader(h: ImageHeader): Buffer {
 /** `where` names the file in error messages. */
 export function decodeHeader(b: Buffer, where: string): ImageHeader {
   if (b.length < 16 || !b.subarray(0, 8).equals(MAGIC)) {
-    throw new ForeignFormatError(`${where} is not an imagekeep image (no IMGKEEP magic in its first bytes); refusing to read it`);
+    // ShadowProtect images share our file names (by design) but not our content.
+    const hint = /\.(spf|spi)$/i.test(where)
+      ? ' It is named like a ShadowProtect image, whose content format is proprietary and cannot be read; imagekeep reads only images it wrote itself.'
+      : '';
+    throw new ForeignFormatError(`${where} is not an imagekeep image (no IMGKEEP magic).${hint}`);
   }
   const version = b.readUInt16LE(8);
   if (version !== FORMAT_VERSION) {

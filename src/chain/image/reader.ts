@@ -5,16 +5,15 @@
  */
 import { createHash } from 'node:crypto';
 import { basename } from 'node:path';
-import { CorruptImageError, ForeignFormatError, WrongPasswordError } from '../../formats/errors.js';
+import { CorruptImageError, WrongPasswordError } from '../../formats/errors.js';
 import { LocalFile } from '../../formats/local-file.js';
 import type { RandomAccessFile } from '../../formats/types.js';
 import { BlockDecoder } from './block-codec.js';
 import { openChainKey, type ChainKeys } from './crypto.js';
 import {
-  DIGEST_SIZE, ENTRY_ZERO, HEADER_SIZE, MAGIC, TRAILER_SIZE, blockCountOf, blockLength, decodeHeader, decodeIndex, decodeTrailer,
+  DIGEST_SIZE, ENTRY_ZERO, HEADER_SIZE, TRAILER_SIZE, blockCountOf, blockLength, decodeHeader, decodeIndex, decodeTrailer,
   type ImageHeader, type ImageIndex, type Trailer,
 } from './layout.js';
-import { looksLikeImageName } from '../names.js';
 
 /** Unwrapped chain keys, cached by wrapped key so a chain's images cost one scrypt. */
 export class KeyRing {
@@ -68,12 +67,6 @@ export class ImageFile {
     const size = await file.size();
     const head = Buffer.alloc(Math.min(size, HEADER_SIZE));
     await file.read(head, 0);
-    if (head.length < MAGIC.length || !head.subarray(0, MAGIC.length).equals(MAGIC)) {
-      const hint = looksLikeImageName(where)
-        ? ' It is named like a ShadowProtect image, whose content format is proprietary and cannot be read; imagekeep reads only images it wrote itself.'
-        : '';
-      throw new ForeignFormatError(`${where} is not an imagekeep image (no IMGKEEP magic).${hint}`);
-    }
     const header = decodeHeader(head, where);
     if (size < HEADER_SIZE + TRAILER_SIZE) throw new CorruptImageError(`${where}: ${size} bytes is too short for an image; it is truncated`);
     const tb = Buffer.alloc(TRAILER_SIZE);
