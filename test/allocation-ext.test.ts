@@ -1,10 +1,10 @@
 // Proves ext2/3/4 free ranges (1/2/4 KiB blocks, 32/64-bit descriptors, flex_bg) equal dumpe2fs's, and that filling them with garbage keeps e2fsck -fn clean and every file intact; refused and corrupt filesystems claim nothing.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { join } from 'node:path';
 import { open, truncate, writeFile } from 'node:fs/promises';
 import { RawDevice } from '../src/formats/raw.js';
 import { findFreeRanges } from '../src/formats/fs/allocation.js';
-import { readExtAllocation } from '../src/formats/fs/ext.js';
+import { extRefusal, parseExtSuperblock, readExtAllocation } from '../src/formats/fs/ext.js';
 import { CorruptFilesystemError, UnsupportedFilesystemError } from '../src/formats/fs/errors.js';
 import { normalizeRanges, subtractRanges, totalLength } from '../src/formats/fs/ranges.js';
 import {
@@ -58,7 +58,7 @@ async function allocation(image: string) {
 }
 
 /** Garbage over every free range of a copy; e2fsck -fn must pass and every kept file read back unchanged. */
-async function garbageOracle(tt: Tap, name: string, image: string): Promise<void> {
+async function garbageOracle(tt: Test, name: string, image: string): Promise<void> {
   const report = await allocation(image);
   const copy = join(work, `${name}-garbage.img`);
   await copySparse(image, copy);
@@ -75,11 +75,9 @@ async function garbageOracle(tt: Tap, name: string, image: string): Promise<void
   }
 }
 
-type Tap = typeof t;
-
 const variants: { name: string; mkfs: string; args: string[]; size: string; exact: boolean; blockSize: number }[] = [
-  { name: 'ext4-4k-64bit', mkfs: 'mkfs.ext4', args: ['-b', '4096', '-O', '64bit,^metadata_csum,^uninit_bg'], size: '96M', exact: true, blockSize: 4096 },
-  { name: 'ext4-4k-default', mkfs: 'mkfs.ext4', args: ['-b', '4096', '-O', '64bit'], size: '96M', exact: false, blockSize: 4096 },
+  { name: 'ext4-4k-64bit', mkfs: 'mkfs.ext4', args: ['-b', '4096', '-g', '4096', '-O', '64bit,^metadata_csum,^uninit_bg'], size: '96M', exact: true, blockSize: 4096 },
+  { name: 'ext4-4k-default', mkfs: 'mkfs.ext4', args: ['-b', '4096', '-g', '4096', '-O', '64bit'], size: '96M', exact: false, blockSize: 4096 },
   { name: 'ext4-1k', mkfs: 'mkfs.ext4', args: ['-b', '1024', '-O', '^metadata_csum,^uninit_bg,^64bit'], size: '64M', exact: true, blockSize: 1024 },
   { name: 'ext4-1k-default', mkfs: 'mkfs.ext4', args: ['-b', '1024'], size: '64M', exact: false, blockSize: 1024 },
   { name: 'ext3-2k', mkfs: 'mkfs.ext3', args: ['-b', '2048'], size: '64M', exact: true, blockSize: 2048 },
@@ -170,4 +168,43 @@ t.test('refused and corrupt ext filesystems claim nothing', async (tt) => {
   const groupBytes = 8192 * 1024;
   const group2 = { offset: 1024 + 2 * groupBytes, length: groupBytes };
   tt.same(report.free, subtractRanges(good.free, [group2]), 'exactly group 2 dropped');
+});
+
+t.test('pure parser: superblock geometry checks', async (tt) => {
+  const sb = (edit: (dv: DataView) => void): Uint8Array => {
+    const b = new Uint8Array(1024);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(4, 65536, true); // blocks
+    dv.setUint32(20, 0, true); // first data block
+    dv.setUint32(24, 2, true); // 4 KiB
+    dv.setUint32(32, 32768, true); // blocks per group
+    dv.setUint16(56, 0xef53, true);
+    dv.setUint16(58, 1, true);
+    dv.setUint32(76, 1, true);
+    edit(dv);
+    return b;
+  };
+  tt.match(parseExtSuperblock(sb(() => {})), { blockSize: 4096, blocksCount: 65536, groupCount: 2, descSize: 32 });
+  tt.match(
+    parseExtSuperblock(sb((dv) => {
+      dv.setUint32(96, 0x80, true);
+      dv.setUint32(0x150, 1, true);
+      dv.setUint16(0xfe, 64, true);
+    })),
+    { blocksCount: 2 ** 32 + 65536, descSize: 64, groupCount: (2 ** 32 + 65536) / 32768 },
+    '64bit: high word of the block count and s_desc_size',
+  );
+  tt.throws(() => parseExtSuperblock(sb((dv) => dv.setUint16(56, 0x1234, true))), { message: /expected magic 0xef53, found 0x1234/ });
+  tt.throws(() => parseExtSuperblock(sb((dv) => dv.setUint32(24, 7, true))), { message: /above 64 KiB/ });
+  tt.throws(() => parseExtSuperblock(sb((dv) => dv.setUint32(32, 32769, true))), { message: /s_blocks_per_group 32769/ });
+  tt.throws(() => parseExtSuperblock(sb((dv) => dv.setUint32(32, 65536, true))), { message: /not in 8\.\.32768/ });
+  tt.throws(() => parseExtSuperblock(sb((dv) => dv.setUint32(20, 1, true))), { message: /s_first_data_block is 1, expected 0/ });
+  tt.throws(() => parseExtSuperblock(sb((dv) => dv.setUint32(4, 0, true))), { message: /leaves no block/ });
+  tt.throws(
+    () => parseExtSuperblock(sb((dv) => { dv.setUint32(96, 0x80, true); dv.setUint16(0xfe, 48, true); })),
+    { message: /s_desc_size 48/ },
+  );
+  tt.throws(() => parseExtSuperblock(new Uint8Array(1000)), CorruptFilesystemError);
+  tt.match(extRefusal(parseExtSuperblock(sb((dv) => dv.setUint32(96, 0x80000000, true)))), /incompat features we do not read: 0x80000000/);
+  tt.equal(extRefusal(parseExtSuperblock(sb((dv) => dv.setUint32(96, 0x242, true)))), undefined, 'filetype, extents, flex_bg understood');
 });

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { open, rm, truncate, writeFile } from 'node:fs/promises';
 import { RawDevice } from '../src/formats/raw.js';
 import { findFreeRanges } from '../src/formats/fs/allocation.js';
-import { readNtfsAllocation } from '../src/formats/fs/ntfs.js';
+import { applyFixups, decodeRunlist, parseNtfsBootSector, readNtfsAllocation } from '../src/formats/fs/ntfs.js';
 import { CorruptFilesystemError, UnsupportedFilesystemError } from '../src/formats/fs/errors.js';
 import { totalLength } from '../src/formats/fs/ranges.js';
 import {
@@ -191,4 +191,60 @@ t.test('corrupt, dirty and truncated NTFS volumes claim nothing', async (tt) => 
   await bh.close();
   await writeFile(stub, head);
   await expectNote(stub, /NTFS boot sector: bytes 0\.\.512 lie outside the volume of 300 bytes/, CorruptFilesystemError);
+});
+
+t.test('pure parsers: boot sector encodings, runlists, fixups', async (tt) => {
+  const boot = (spc: number, cpr: number, totalSectors = 2n ** 20n): Uint8Array => {
+    const b = Buffer.alloc(512);
+    b.write('NTFS    ', 3, 'latin1');
+    b.writeUInt16LE(512, 0x0b);
+    b[0x0d] = spc;
+    b.writeBigUInt64LE(totalSectors, 0x28);
+    b.writeBigUInt64LE(4n, 0x30);
+    b.writeBigUInt64LE(8n, 0x38);
+    b.writeInt8(cpr, 0x40);
+    return b;
+  };
+  tt.match(parseNtfsBootSector(boot(8, -10)), { clusterSize: 4096, mftRecordSize: 1024, totalClusters: 2 ** 17 });
+  tt.match(parseNtfsBootSector(boot(0x80, -10)), { clusterSize: 65536 }, '0x80 is 128 sectors');
+  tt.match(parseNtfsBootSector(boot(0xf8, -12)), { sectorsPerCluster: 256, clusterSize: 131072, mftRecordSize: 4096 }, '0xF8 is 2^8 sectors');
+  tt.match(parseNtfsBootSector(boot(0xf4, -10)), { clusterSize: 2 * 1024 * 1024 }, '0xF4 is 2^12 sectors: 2 MiB');
+  tt.throws(() => parseNtfsBootSector(boot(0xf3, -10)), { message: /cluster size 4194304 exceeds/ });
+  tt.throws(() => parseNtfsBootSector(boot(0x81, -10)), CorruptFilesystemError, '0x81 is 2^127 sectors');
+  tt.throws(() => parseNtfsBootSector(boot(3, -10)), { message: /sectors per cluster byte 0x3 is not a power of two/ });
+  tt.match(parseNtfsBootSector(boot(1, 2)), { mftRecordSize: 1024 }, 'positive: clusters per record');
+  tt.throws(() => parseNtfsBootSector(boot(8, -8)), { message: /gives 256 bytes/ });
+  tt.throws(() => parseNtfsBootSector(boot(8, -10, 2n ** 63n)), { message: /exceeds 2\^53/ });
+  tt.throws(() => parseNtfsBootSector(boot(8, -10, 16n)), { message: /past the volume's 2 clusters/ });
+
+  const runs = (bytes: number[], total = 1000) => decodeRunlist(Uint8Array.from(bytes), 0, bytes.length, 0, total, 'test');
+  tt.same(runs([0x21, 0x10, 0x00, 0x01, 0x11, 0x05, 0xf0, 0x00]), [
+    { vcn: 0, lcn: 256, length: 16 },
+    { vcn: 16, lcn: 240, length: 5 },
+  ], 'negative delta');
+  tt.same(runs([0x01, 0x08, 0x00]), [{ vcn: 0, lcn: null, length: 8 }], 'sparse run');
+  tt.throws(() => runs([0x21, 0x10, 0x00, 0x01]), { message: /no terminating zero byte/ });
+  tt.throws(() => runs([0x21, 0x10, 0x00]), { message: /passes the end of the attribute/ });
+  tt.throws(() => runs([0x20, 0x10, 0x00, 0x00]), { message: /header byte 0x20/ }, 'zero-size length');
+  tt.throws(() => runs([0x11, 0x10, 0xf0, 0x00]), { message: /at cluster -16 lies outside/ });
+  tt.throws(() => runs([0x21, 0x10, 0xe0, 0x03, 0x00]), { message: /run of 16 clusters at cluster 992 lies outside the volume's 1000 clusters/ });
+  tt.throws(() => runs([0x11, 0x80, 0x01, 0x00]), { message: /has length -128/ });
+  tt.throws(() => runs([0x81, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x40, 0x00]), { message: /exceeds 2\^53/ });
+
+  const rec = new Uint8Array(1024);
+  const dv = new DataView(rec.buffer);
+  dv.setUint16(4, 0x30, true);
+  dv.setUint16(6, 3, true);
+  dv.setUint16(0x30, 0x0007, true); // update sequence number
+  dv.setUint16(0x32, 0xaaaa, true);
+  dv.setUint16(0x34, 0xbbbb, true);
+  dv.setUint16(510, 0x0007, true);
+  dv.setUint16(1022, 0x0007, true);
+  applyFixups(rec, 'test');
+  tt.same([dv.getUint16(510, true), dv.getUint16(1022, true)], [0xaaaa, 0xbbbb], 'saved bytes restored');
+  dv.setUint16(510, 0x0007, true);
+  dv.setUint16(1022, 0x0008, true);
+  tt.throws(() => applyFixups(rec, 'test'), { message: /stride 1 ends with 0x8, expected the update sequence number 0x7/ });
+  dv.setUint16(6, 5, true);
+  tt.throws(() => applyFixups(rec, 'test'), { message: /has 5 entries, expected 3/ });
 });

@@ -12,7 +12,7 @@ import {
   type PartitionTable,
 } from '../src/formats/disk/partitions.js';
 import { findFreeRanges } from '../src/formats/fs/allocation.js';
-import { must, run, tempDir } from './helpers/alloc-tools.js';
+import { MemoryDevice, must, run, tempDir } from './helpers/alloc-tools.js';
 
 const { dir: work, cleanup } = await tempDir('parts');
 t.teardown(cleanup);
@@ -80,11 +80,18 @@ async function lieAboutEntryCount(image: string, lba: number, entryCount: number
   await patchBytes(image, lba * 512, h);
 }
 
+let gptTemplate: string | undefined;
+
+/** A copy of one sgdisk-made disk (sgdisk syncs the whole machine, about a second a run). */
 async function makeGpt(name: string): Promise<string> {
+  if (!gptTemplate) {
+    gptTemplate = join(work, 'gpt-template.img');
+    await must('truncate', ['-s', '100M', gptTemplate]);
+    // Slots 1, 3, 4 used; slot 2 left empty in the middle.
+    await must('sgdisk', ['-n1:2048:+20M', '-t1:0700', '-c1:data one', '-n3:0:+20M', '-t3:8300', '-c3:linux', '-n4:0:+10M', '-t4:ef00', gptTemplate]);
+  }
   const image = join(work, name);
-  await must('truncate', ['-s', '100M', image]);
-  // Slots 1, 3, 4 used; slot 2 left empty in the middle.
-  await must('sgdisk', ['-n1:2048:+20M', '-t1:0700', '-c1:data one', '-n3:0:+20M', '-t3:8300', '-c3:linux', '-n4:0:+10M', '-t4:ef00', image]);
+  await must('cp', ['--sparse=always', gptTemplate, image]);
   return image;
 }
 
@@ -208,6 +215,23 @@ t.test('an EBR without its signature ends the chain', async (tt) => {
   tt.match(ours.notes.join(' '), /no 0x55AA signature in the EBR at sector 106496; chain ends there/);
 });
 
+t.test('garbage in slot 4 of an EBR is ignored, as by Linux and sfdisk', async (tt) => {
+  const image = await makeMbr('ebr-garbage.img');
+  const before = await sfdiskJson(image);
+  const ebrs = (await table(image)).structures.filter((s) => s.what.startsWith('EBR')).map((s) => s.offset);
+  const junk = Buffer.from([0x00, 1, 2, 3, 0x83, 4, 5, 6, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x20, 0x00]); // 2 Mi sectors at +1 Mi
+  await patchBytes(image, ebrs[0] + 446 + 48, junk);
+  const ours = await table(image);
+  tt.same(ours.partitions.map((p) => p.number), [1, 2, 3, 5, 6, 7], 'numbering unchanged');
+  tt.same(
+    ours.partitions.map(({ number, offset, length, type }) => ({ number, offset, length, type })),
+    expected(image, (await sfdiskJson(image)).partitions, false),
+    'sfdisk agrees',
+  );
+  tt.same((await sfdiskJson(image)).partitions.length, before.partitions.length);
+  tt.match(ours.notes.join(' '), /slot 4 does not fit the extended partition; ignored/);
+});
+
 t.test('partitions past the device end are clipped or left out', async (tt) => {
   const image = await makeMbr('short.img');
   const full = await table(image);
@@ -246,6 +270,12 @@ t.test('pure parsers: what is and is not a partition table', async (tt) => {
   s[446 + 12] = 1;
   tt.same(parseMbr(s), { kind: 'protective' });
   tt.throws(() => parseMbr(new Uint8Array(100)), CorruptPartitionTableError, 'short sector');
+  // A protective MBR on a device too small for any GPT header: a typed error, not a read past the end.
+  await tt.rejects(readPartitionTable(new MemoryDevice(Uint8Array.from(s))), { name: 'CorruptPartitionTableError', message: /no room for one/ });
+  const two = new Uint8Array(1024);
+  two.set(s);
+  await tt.rejects(readPartitionTable(new MemoryDevice(two)), { name: 'CorruptPartitionTableError', message: /expected signature "EFI PART"/ });
+  tt.same(await readPartitionTable(new MemoryDevice(new Uint8Array(100))), { scheme: 'none', sectorSize: 512, partitions: [], structures: [], notes: [] }, 'device shorter than a sector');
 
   tt.throws(() => parseGptHeader(new Uint8Array(512), 1), { message: /expected signature "EFI PART", found/ });
   const image = await makeGpt('parse.img');

@@ -225,14 +225,12 @@ async function capture(dir: string, source: RawDevice, plan: Plan, opts: BackupO
     };
     for (const [start, count] of runs(blockCount, batchBlocks, changed)) {
       if (opts.signal?.aborted) throw opts.signal.reason ?? new Error('aborted');
+      if (inflight.length >= maxInflight) await drainOne();
       const at = start * blockSize;
       const length = Math.min(count * blockSize, source.size - at);
       const ab = spare.pop() ?? new ArrayBuffer(batchBlocks * blockSize);
-      const data = new Uint8Array(ab, 0, length);
-      await source.read(data, at);
-      bytesRead += length;
       const req: BatchRequest = {
-        id: nextId++, data, firstBlock: start, blockSize,
+        id: nextId++, data: new Uint8Array(ab, 0, length), firstBlock: start, blockSize,
         free: free ? free.slice(start, start + count) : null,
         prevKinds: null, prevDigests: null,
       };
@@ -247,9 +245,14 @@ async function capture(dir: string, source: RawDevice, plan: Plan, opts: BackupO
           } else req.prevKinds[i] = PREV_ZERO;
         }
       }
-      inflight.push(pool.run(req));
-      if (inflight.length >= maxInflight) await drainOne();
-      opts.onProgress?.(at + length, source.size);
+      // Reads overlap each other and the workers; results are still taken in order.
+      const task = source.read(req.data, at).then(() => {
+        bytesRead += length;
+        opts.onProgress?.(at + length, source.size);
+        return pool.run(req);
+      });
+      task.catch(() => {}); // observed by drainOne; avoid an unhandled rejection meanwhile
+      inflight.push(task);
     }
     while (inflight.length > 0) await drainOne();
     if (plan.newKeyFile && plan.encryption) await writeKeyFile(keyFilePath(dir, plan.volume, plan.base), plan.chainId, plan.encryption);

@@ -7,7 +7,7 @@ import { mkdtemp, mkdir, open, readdir, readFile, rm, writeFile } from 'node:fs/
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { promisify } from 'node:util';
-import type { ByteRange } from '../../src/formats/types.js';
+import type { BlockDevice, ByteRange } from '../../src/formats/types.js';
 
 const execFileP = promisify(execFile);
 
@@ -219,4 +219,21 @@ export async function ntfsFreeBytes(image: string): Promise<number> {
 /** Copies an image keeping holes. */
 export async function copySparse(from: string, to: string): Promise<void> {
   await must('cp', ['--sparse=always', from, to]);
+}
+
+/** A BlockDevice over bytes in memory (for fuzzing: mutate the buffer, read again). */
+export class MemoryDevice implements BlockDevice {
+  readonly size: number;
+  reads = 0;
+  constructor(readonly bytes: Uint8Array) {
+    this.size = bytes.length;
+  }
+  async read(into: Uint8Array, at: number): Promise<void> {
+    if (at < 0 || at + into.length > this.size) {
+      throw new RangeError(`read of ${into.length} bytes at ${at} passes the device size ${this.size}`);
+    }
+    this.reads++;
+    into.set(this.bytes.subarray(at, at + into.length));
+  }
+  async close(): Promise<void> {}
 }
