@@ -112,10 +112,15 @@ export interface ExtSuperblock {
   featureRoCompat: number;
   /** Bytes per group descriptor: 32, or s_desc_size with the 64bit feature. */
   descSize: number;
+  reservedGdtBlocks: number;
+  inodesPerGroup: number;
+  inodeSize: number;
 }
 
 export interface ExtGroupDescriptor {
   blockBitmap: number;
+  inodeBitmap: number;
+  inodeTable: number;
   freeBlocksCount: number;
   /** False when only the low 16 bits of the free count are stored (32-byte descriptors). */
   freeBlocksCountComplete: boolean;
@@ -202,6 +207,9 @@ export function parseExtSuperblock(sb: Uint8Array): ExtSuperblock {
     featureIncompat,
     featureRoCompat,
     descSize,
+    reservedGdtBlocks: revLevel === 0 ? 0 : dv.getUint16(0xce, true),
+    inodesPerGroup: dv.getUint32(40, true),
+    inodeSize: revLevel === 0 ? 128 : dv.getUint16(88, true),
   };
 }
 
@@ -235,6 +243,8 @@ export function parseExtGroupDescriptors(buf: Uint8Array, sb: ExtSuperblock): Ex
     const at = g * sb.descSize;
     out.push({
       blockBitmap: dv.getUint32(at, true) + (wide ? dv.getUint32(at + 0x20, true) * 2 ** 32 : 0),
+      inodeBitmap: dv.getUint32(at + 0x04, true) + (wide ? dv.getUint32(at + 0x24, true) * 2 ** 32 : 0),
+      inodeTable: dv.getUint32(at + 0x08, true) + (wide ? dv.getUint32(at + 0x28, true) * 2 ** 32 : 0),
       freeBlocksCount: dv.getUint16(at + 0x0c, true) + (wide ? dv.getUint16(at + 0x2c, true) * 2 ** 16 : 0),
       freeBlocksCountComplete: wide,
       flags: dv.getUint16(at + 0x12, true),
@@ -278,6 +288,7 @@ export async function readExtAllocation(dev: BlockDevice, volume: ByteRange, opt
     sb,
   );
   const collector = new FreeRunCollector(volume.offset, sb.blockSize, minUnits(options, sb.blockSize));
+  const metadata = groups.some((d) => d.flags & BG_BLOCK_UNINIT) ? metadataByGroup(sb, groups) : null;
   const notes: string[] = [];
   const uninit: number[] = [];
   const mismatched: string[] = [];
@@ -285,7 +296,16 @@ export async function readExtAllocation(dev: BlockDevice, volume: ByteRange, opt
 
   for (let g = 0; g < groups.length; ) {
     if (groups[g].flags & BG_BLOCK_UNINIT) {
-      uninit.push(g);
+      // No bitmap was written: as the kernel does, the group's only used blocks are its
+      // own backup superblock and descriptors and any group's bitmaps and inode table
+      // that flex_bg placed inside it. libext2fs marks every wholly free group so on close.
+      const groupStart = sb.firstDataBlock + g * sb.blocksPerGroup;
+      const count = Math.min(sb.blocksPerGroup, sb.blocksCount - groupStart);
+      const bitmap = metadata ? uninitBitmap(sb, metadata, g, groupStart, count) : null;
+      const freeBits = bitmap ? countFreeBits(bitmap, count) : -1;
+      if (bitmap && freeBits === groups[g].freeBlocksCount % (groups[g].freeBlocksCountComplete ? Infinity : 65536)) {
+        collector.addBitmap(bitmap, groupStart, count);
+      } else uninit.push(g);
       g++;
       continue;
     }
@@ -322,7 +342,7 @@ export async function readExtAllocation(dev: BlockDevice, volume: ByteRange, opt
     }
   }
   if (uninit.length > 0) {
-    notes.push(`${uninit.length} of ${groups.length} groups are BLOCK_UNINIT (no bitmap written); counted as in use`);
+    notes.push(`${uninit.length} of ${groups.length} groups are BLOCK_UNINIT and their metadata does not account for their free count; counted as in use`);
   }
   if (mismatched.length > 0) {
     notes.push(`bitmap free count differs from the group descriptor, group counted as in use: ${mismatched.slice(0, 8).join(', ')}${mismatched.length > 8 ? `, and ${mismatched.length - 8} more` : ''}`);
@@ -336,4 +356,63 @@ export async function readExtAllocation(dev: BlockDevice, volume: ByteRange, opt
     freeBytes: collector.freeUnits * sb.blockSize,
     notes,
   };
+}
+
+const COMPAT_RESIZE_INODE = 0x0010;
+const COMPAT_SPARSE_SUPER2 = 0x0200;
+
+function isPowerOf(n: number, base: number): boolean {
+  let v = base;
+  while (v < n) v *= base;
+  return v === n;
+}
+
+/** Does group g hold a backup superblock and descriptor table (sparse_super: 0, 1 and powers of 3, 5, 7)? */
+function hasSuperBackup(sb: ExtSuperblock, g: number): boolean {
+  if (g === 0 || !(sb.featureRoCompat & RO_COMPAT.SPARSE_SUPER)) return true;
+  return g === 1 || isPowerOf(g, 3) || isPowerOf(g, 5) || isPowerOf(g, 7);
+}
+
+/** Block extents of every group's bitmaps and inode table, filed under the groups they lie in. */
+function metadataByGroup(sb: ExtSuperblock, groups: ExtGroupDescriptor[]): Map<number, [number, number][]> | null {
+  // sparse_super2 places backups where s_backup_bgs says; not read here, so no synthesis.
+  if (sb.featureCompat & COMPAT_SPARSE_SUPER2 || sb.inodeSize < 128 || sb.inodeSize > sb.blockSize) return null;
+  const itableBlocks = Math.ceil((sb.inodesPerGroup * sb.inodeSize) / sb.blockSize);
+  const byGroup = new Map<number, [number, number][]>();
+  const file = (start: number, length: number) => {
+    for (let b = start; b < start + length; ) {
+      const g = Math.floor((b - sb.firstDataBlock) / sb.blocksPerGroup);
+      const groupEnd = sb.firstDataBlock + (g + 1) * sb.blocksPerGroup;
+      const n = Math.min(start + length, groupEnd) - b;
+      let list = byGroup.get(g);
+      if (!list) byGroup.set(g, (list = []));
+      list.push([b, n]);
+      b += n;
+    }
+  };
+  for (const d of groups) {
+    file(d.blockBitmap, 1);
+    file(d.inodeBitmap, 1);
+    file(d.inodeTable, itableBlocks);
+  }
+  return byGroup;
+}
+
+function uninitBitmap(sb: ExtSuperblock, metadata: Map<number, [number, number][]>, g: number, groupStart: number, count: number): Uint8Array {
+  const bitmap = new Uint8Array(Math.ceil(sb.blocksPerGroup / 8));
+  const mark = (start: number, length: number) => {
+    const from = Math.max(start, groupStart);
+    const to = Math.min(start + length, groupStart + count);
+    for (let b = from; b < to; b++) {
+      const bit = b - groupStart;
+      bitmap[bit >> 3]! |= 1 << (bit & 7);
+    }
+  };
+  if (hasSuperBackup(sb, g)) {
+    const gdtBlocks = Math.ceil((sb.groupCount * sb.descSize) / sb.blockSize);
+    const reserved = sb.featureCompat & COMPAT_RESIZE_INODE ? sb.reservedGdtBlocks : 0;
+    mark(groupStart, 1 + gdtBlocks + reserved);
+  }
+  for (const [start, length] of metadata.get(g) ?? []) mark(start, length);
+  return bitmap;
 }
