@@ -38,7 +38,8 @@ export class BlockEncoder {
 }
 
 export class BlockDecoder {
-  private readonly decompressor = new Decompressor();
+  // Created on first use: most layers of a long chain are opened but never read.
+  private decompressor: Decompressor | null = null;
   constructor(private readonly keys: ChainKeys | null) {}
 
   /**
@@ -54,6 +55,7 @@ export class BlockDecoder {
     let data: Buffer;
     if (method === STORED_ZSTD) {
       try {
+        this.decompressor ??= new Decompressor();
         data = this.decompressor.decompress(payload);
       } catch {
         throw new CorruptImageError(`${where}: block ${block} does not decompress; the image is damaged`, { block });

@@ -111,10 +111,10 @@ export class ImageWriter {
       dataBytes: this.offset - HEADER_SIZE,
       indexChecksum: createHash('sha256').update(indexBytes).digest(),
     });
-    const tail = Buffer.concat([indexBytes, trailer]);
-    this.md5.update(tail);
-    await durableWrite(this.file, tail, this.offset);
-    const bytes = this.offset + tail.length;
+    this.md5.update(indexBytes).update(trailer);
+    await durableWrite(this.file, indexBytes, this.offset);
+    await durableWrite(this.file, trailer, this.offset + indexBytes.length);
+    const bytes = this.offset + indexBytes.length + trailer.length;
     await durableFlush(this.file);
     await this.file.close();
     this.finished = true;
