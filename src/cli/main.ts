@@ -16,13 +16,17 @@ import { humanBytes, parseSize, parseTime, progressBar, readPassword, table, war
 const program = new Command('imagekeep')
   .description('Block-level image backups: an open image format, chains of incrementals, and any point in time read back.')
   .version('0.1.0')
-  .showHelpAfterError('(run with --help for usage)')
-  .configureOutput({ outputError: (str, write) => write(str) });
+  .addHelpText('after', '\nErrors are one line on stderr; the exit status is 1 for a failure and 2 for a usage error.\n' +
+    'Passwords are read from --password-file or IMAGEKEEP_PASSWORD_FILE, never from the command line.\n' +
+    'Run "imagekeep help <command>" for a command\'s options.')
+  // Usage errors, like every error, are one line: "imagekeep: what is wrong; what to do".
+  .configureOutput({ outputError: (str, write) => write(`imagekeep: ${str.trim().replace(/^error: /, '')}; see imagekeep --help\n`) });
 
 program.command('backup')
-  .description('Take a full or incremental image of a disk image file or block device into a backup folder.\n' +
-    'The first backup of a volume (or --full) starts a new chain (base .spf); later ones add incrementals (.spi)\n' +
-    'holding only the blocks that changed. By default free space of NTFS and ext2/3/4 volumes is recorded as zero\n' +
+  .summary('take a full or incremental image of a disk or disk image file')
+  .description('Take a full or incremental image of a disk image file or block device into a backup folder. ' +
+    'The first backup of a volume (or --full) starts a new chain (base .spf); later ones add incrementals (.spi) ' +
+    'holding only the blocks that changed. By default free space of NTFS and ext2/3/4 volumes is recorded as zero ' +
     '(active-sector mode); --forensic keeps every non-zero block so a restore is byte-identical.')
   .argument('<source>', 'raw disk image file or block device')
   .argument('<folder>', 'backup folder (created when missing)')
@@ -54,6 +58,7 @@ program.command('backup')
   });
 
 program.command('ls')
+  .summary('list the chains and images of a backup folder')
   .description('List the chains of a backup folder: each file with its level, range, point time, size and .md5 state.')
   .argument('<folder>')
   .option('--json', 'print as JSON')
@@ -75,6 +80,7 @@ program.command('ls')
   });
 
 program.command('qp')
+  .summary('print the files an image needs (its dependency path), newest first')
   .description('Print the dependency path of an image: the files needed to read its point in time, newest first.')
   .argument('<image>')
   .option('--json', 'print paths, ranges, levels and times as JSON')
@@ -98,6 +104,7 @@ async function pointFor(image: string, passwordFile: string | undefined) {
 }
 
 program.command('export')
+  .summary('write the point in time of an image to a new raw disk file')
   .description('Write the point in time of an image to a new file (sparse raw; other formats follow).')
   .argument('<image>')
   .argument('<out>')
@@ -120,7 +127,8 @@ program.command('export')
   });
 
 program.command('restore')
-  .description('Write the point in time of an image onto a block device or disk image file. Refuses a target\n' +
+  .summary('write the point in time of an image onto a device or file')
+  .description('Write the point in time of an image onto a block device or disk image file. Refuses a target ' +
     'that is mounted (or served by a FUSE filesystem) or smaller than the point.')
   .argument('<image>')
   .argument('<target>', 'block device or file (a new file is created sparse)')
