@@ -20,6 +20,7 @@ const program = new Command('imagekeep')
     'Passwords are read from --password-file or IMAGEKEEP_PASSWORD_FILE, never from the command line.\n' +
     'Run "imagekeep help <command>" for a command\'s options.')
   // Usage errors, like every error, are one line: "imagekeep: what is wrong; what to do".
+  .exitOverride() // before the subcommands, which inherit it
   .configureOutput({ outputError: (str, write) => write(`imagekeep: ${str.trim().replace(/^error: /, '')}; see imagekeep --help\n`) });
 
 program.command('backup')
@@ -148,7 +149,6 @@ program.command('restore')
     }
   });
 
-program.exitOverride();
 try {
   await program.parseAsync(process.argv);
 } catch (e) {
