@@ -4,6 +4,12 @@
  */
 import { ImagekeepError, UsageError } from '../formats/errors.js';
 
+export class InterruptedError extends ImagekeepError {
+  constructor(message: string) {
+    super('INTERRUPTED', message);
+  }
+}
+
 export function describeError(e: unknown): { line: string; code: number } {
   if (e instanceof UsageError) return { line: e.message, code: 2 };
   if (e instanceof ImagekeepError) return { line: e.message, code: 1 };

@@ -10,8 +10,14 @@ import { KeyRing } from '../chain/image/reader.js';
 import { openPoint, resolvePath } from '../chain/open.js';
 import { readSidecar } from '../chain/sidecar.js';
 
-import { describeError } from './errors.js';
+import { InterruptedError, describeError } from './errors.js';
 import { humanBytes, parseSize, parseTime, progressBar, readPassword, table, warnLine } from './output.js';
+
+// Ctrl-C or SIGTERM aborts long work cleanly: temporary files removed, the folder unlocked.
+const interrupt = new AbortController();
+for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(sig, () => interrupt.abort(new InterruptedError(`interrupted by ${sig}; nothing was written under a final name`)));
+}
 
 const program = new Command('imagekeep')
   .description('Block-level image backups: an open image format, chains of incrementals, and any point in time read back.')
@@ -49,7 +55,7 @@ program.command('backup')
       volume: o.volume, full: !!o.full, at: o.at ? parseTime(o.at, '--at') : undefined, forensic: !!o.forensic,
       blockSize: parseSize(o.blockSize, '--block-size'), compression: o.compress, compressionLevel: Number(o.compressLevel),
       password: await readPassword(o.passwordFile), changedBlocksFile: o.changedBlocks, pre: o.pre, post: o.post,
-      onWarning: warnLine, onProgress: bar?.update,
+      onWarning: warnLine, onProgress: bar?.update, signal: interrupt.signal,
     }).finally(() => bar?.stop());
     if (o.json) console.log(JSON.stringify(r, null, 2));
     else {
@@ -117,7 +123,7 @@ program.command('export')
     const point = await pointFor(image, o.passwordFile);
     const bar = o.json ? null : progressBar('export');
     try {
-      const r = await exportRaw(point, out, { force: !!o.force, onProgress: bar?.update });
+      const r = await exportRaw(point, out, { force: !!o.force, onProgress: bar?.update, signal: interrupt.signal });
       bar?.stop();
       if (o.json) console.log(JSON.stringify(r, null, 2));
       else console.log(`${out}: ${humanBytes(r.bytes)} (${humanBytes(r.dataBytes)} of data) in ${r.seconds.toFixed(1)} s`);
@@ -139,7 +145,7 @@ program.command('restore')
     const point = await pointFor(image, o.passwordFile);
     const bar = o.json ? null : progressBar('restore');
     try {
-      const r = await restore(point, target, { onProgress: bar?.update });
+      const r = await restore(point, target, { onProgress: bar?.update, signal: interrupt.signal });
       bar?.stop();
       if (o.json) console.log(JSON.stringify(r, null, 2));
       else console.log(`${target}: restored ${humanBytes(r.bytes)} in ${r.seconds.toFixed(1)} s`);
@@ -159,6 +165,6 @@ try {
     if (process.env.IMAGEKEEP_DEBUG) console.error(e);
     const { line, code } = describeError(e);
     process.stderr.write(`imagekeep: ${line}\n`);
-    process.exitCode = code;
+    process.exitCode = e instanceof InterruptedError ? 130 : code;
   }
 }
