@@ -131,7 +131,7 @@ t.test('bad input', async (t) => {
   t.test('a full destination', async (t) => {
     const small = join(dir, 'small');
     await mkdir(small);
-    await run('mount', ['-t', 'tmpfs', '-o', 'size=4M', 'tmpfs', small]);
+    await run('mount', ['-t', 'tmpfs', '-o', 'size=1M', 'tmpfs', small]);
     t.teardown(() => run('umount', [small]));
     const r = await imagekeep(['backup', src, small, '--compress', 'none']);
     oneLine(t, r, /no space left/, 'ENOSPC');
