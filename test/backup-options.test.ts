@@ -2,6 +2,7 @@
 import t from 'tap';
 import { readFile, writeFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { hostname } from 'node:os';
 import { imagekeep, sha256File, tempDir } from './helpers/cli.js';
 import { makeRawDisk, scribble } from './helpers/rawdisk.js';
 
@@ -58,6 +59,19 @@ t.test('backup options', async (t) => {
     const ok = await imagekeep(['backup', src, folder, '--at', '2026-07-01T05:00:00Z']);
     t.equal(ok.code, 0, 'a bad file off the path only warns');
     t.match(ok.stderr, /warning: C_VOL-b001-i999.spi failed verification but is not on the path/);
+  });
+
+  t.test('the folder lock, and --at as the mtime', async (t) => {
+    const lock = join(folder, '.imagekeep.lock');
+    await writeFile(lock, `${process.pid} ${hostname()} backup of something else\n`);
+    const r = await imagekeep(['backup', src, folder, '--at', '2026-07-01T05:30:00Z']);
+    t.equal(r.code, 1);
+    t.match(r.stderr, new RegExp(`in use by another imagekeep \\(pid ${process.pid} .*backup of something else\\); wait for it to finish`));
+    await writeFile(lock, `999999999 ${hostname()} a killed backup\n`);
+    const ok = await imagekeep(['backup', src, folder, '--at', '2026-07-01T05:30:00Z', '--json']);
+    t.equal(ok.code, 0, 'a lock left by a dead process is taken over');
+    await t.rejects(stat(lock), 'and released');
+    t.equal((await stat(JSON.parse(ok.stdout).path)).mtime.toISOString(), '2026-07-01T05:30:00.000Z', 'the image mtime is the --at time');
   });
 
   t.test('two volumes in one folder, and --json', async (t) => {
