@@ -6,19 +6,12 @@
  */
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
+import { ImagekeepError } from '../formats/errors.js';
 
 const execFileP = promisify(execFile);
 
-export class DevkitError extends Error {
-  readonly code: string;
-  readonly details: Record<string, unknown>;
-  constructor(code: string, message: string, details: Record<string, unknown> = {}) {
-    super(message);
-    this.name = new.target.name;
-    this.code = code;
-    this.details = details;
-  }
-}
+/** The devkit's errors share the project's base class: a `code`, the numbers, a message. */
+export class DevkitError extends ImagekeepError {}
 
 /** A tool exited non-zero, was killed, or could not be started. */
 export class ToolFailedError extends DevkitError {
