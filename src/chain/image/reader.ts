@@ -101,6 +101,16 @@ export class ImageFile {
     return rec;
   }
 
+  /** The records of index entries from..to-1, which lie back to back in the file. */
+  async readRecords(from: number, to: number): Promise<Buffer> {
+    if (to <= from) return Buffer.alloc(0);
+    const start = this.index.offsets[from]!;
+    const end = this.index.offsets[to - 1]! + this.index.storedLengths[to - 1]!;
+    const buf = Buffer.allocUnsafe(end - start);
+    await this.file.read(buf, start);
+    return buf;
+  }
+
   /** The block's bytes, checked against its digest. */
   async readBlock(pos: number): Promise<Buffer> {
     const block = this.index.blocks[pos]!;

@@ -70,6 +70,7 @@ export class ImageWriter {
 
   /** Appends a batch from the block workers (blocks firstBlock..). */
   async appendBatch(firstBlock: number, r: BatchResult): Promise<void> {
+    await this.flushPending();
     for (let i = 0; i < r.kinds.length; i++) {
       const kind = r.kinds[i];
       if (kind === OUT_ZERO) {
@@ -88,13 +89,29 @@ export class ImageWriter {
     }
   }
 
-  /** Appends one already-encoded record (used when records are copied between images). */
+  /**
+   * Appends one already-encoded record (records copied between images by a collapse).
+   * Records are gathered into writes of about 4 MiB: fewer syscalls and durable steps.
+   */
   async appendRecord(block: number, record: Uint8Array, flags: number, digest: Uint8Array): Promise<void> {
     this.addEntry(block, record.length, flags, digest);
     this.offset += record.length;
     this.dataBlocks++;
     this.md5.update(record);
-    await durableWrite(this.file, record, this.offset - record.length);
+    this.pending.push(record);
+    this.pendingBytes += record.length;
+    if (this.pendingBytes >= 4 * 1024 * 1024) await this.flushPending();
+  }
+
+  private pending: Uint8Array[] = [];
+  private pendingBytes = 0;
+
+  private async flushPending(): Promise<void> {
+    if (this.pendingBytes === 0) return;
+    const data = this.pending.length === 1 ? this.pending[0]! : Buffer.concat(this.pending);
+    this.pending = [];
+    this.pendingBytes = 0;
+    await durableWrite(this.file, data, this.offset - data.length);
   }
 
   appendZero(block: number): void {
@@ -104,6 +121,7 @@ export class ImageWriter {
 
   /** Index, trailer, fsync, sidecar, rename. Returns what was committed. */
   async commit(opts: { mtime: Date; sidecarTime?: Date }): Promise<CommittedImage> {
+    await this.flushPending();
     const indexBytes = encodeIndex(this.index);
     const trailer = encodeTrailer({
       indexOffset: this.offset,
