@@ -10,10 +10,13 @@ import { KeyRing } from '../chain/image/reader.js';
 import { openPoint, resolvePath } from '../chain/open.js';
 import { readSidecar } from '../chain/sidecar.js';
 import { verify } from '../chain/verify-folder.js';
+import { addProcessCommand } from './process-command.js';
+import { folderTimeZone } from '../chain/config.js';
+import { parseLocalTime } from '../chain/policy/calendar.js';
 import { UsageError } from '../formats/errors.js';
 
 import { InterruptedError, describeError } from './errors.js';
-import { humanBytes, parseSize, parseTime, progressBar, readPassword, table, warnLine } from './output.js';
+import { humanBytes, parseSize, progressBar, readPassword, table, warnLine } from './output.js';
 
 // Ctrl-C or SIGTERM aborts long work cleanly: temporary files removed, the folder unlocked.
 const interrupt = new AbortController();
@@ -41,7 +44,7 @@ program.command('backup')
   .argument('<folder>', 'backup folder (created when missing)')
   .option('--volume <name>', 'volume name used in file names (default: the folder\'s only volume, else C_VOL)')
   .option('--full', 'start a new chain with a full base image')
-  .option('--at <time>', 'capture time to record (ISO-8601; must be after the previous point); also the file mtime')
+  .option('--at <time>', 'capture time to record (ISO-8601; without an offset, in the folder\'s time zone; must be after the previous point); also the file mtime')
   .option('--forensic', 'store every non-zero block, free space included')
   .option('--block-size <bytes>', 'block size of a new chain (power of two, 4K..4M)', '65536')
   .addOption(new Option('--compress <method>', 'block compression').choices(['zstd', 'none']).default('zstd'))
@@ -54,7 +57,7 @@ program.command('backup')
   .action(async (source: string, folder: string, o) => {
     const bar = o.json ? null : progressBar('backup');
     const r = await backup(source, folder, {
-      volume: o.volume, full: !!o.full, at: o.at ? parseTime(o.at, '--at') : undefined, forensic: !!o.forensic,
+      volume: o.volume, full: !!o.full, at: o.at ? parseLocalTime(o.at, await folderTimeZone(folder), '--at') : undefined, forensic: !!o.forensic,
       blockSize: parseSize(o.blockSize, '--block-size'), compression: o.compress, compressionLevel: Number(o.compressLevel),
       password: await readPassword(o.passwordFile), changedBlocksFile: o.changedBlocks, pre: o.pre, post: o.post,
       onWarning: warnLine, onProgress: bar?.update, signal: interrupt.signal,
@@ -126,6 +129,8 @@ program.command('verify')
     if (!o.json) console.log(`${report.checked.length} checked (${o.deep ? 'deep' : 'quick'}), ${failed} failed`);
     if (failed > 0) process.exitCode = 1;
   });
+
+addProcessCommand(program);
 
 async function pointFor(image: string, passwordFile: string | undefined) {
   const keyring = new KeyRing(await readPassword(passwordFile));

@@ -53,13 +53,6 @@ export async function readPassword(file: string | undefined): Promise<Buffer | n
   return Buffer.from(pw, 'utf8');
 }
 
-/** ISO-8601 time; without an offset it is read in the local time zone (TZ). */
-export function parseTime(text: string, flag: string): number {
-  const t = Date.parse(text);
-  if (!/^\d{4}-\d\d-\d\d/.test(text) || Number.isNaN(t)) throw new UsageError(`${flag} "${text}" is not an ISO-8601 time such as 2026-11-22T13:00 or 2026-11-22T13:00:00Z`);
-  return t;
-}
-
 export function parseSize(text: string, flag: string): number {
   const m = /^(\d+)\s*([KMG]i?B?|)$/i.exec(text.trim());
   if (!m) throw new UsageError(`${flag} "${text}" is not a size such as 65536 or 64K`);
