@@ -17,7 +17,7 @@ import { PREV_DATA, PREV_ZERO, type BatchRequest, type BatchResult } from './ima
 import { createChainKey, type ChainKeys } from './image/crypto.js';
 import { DIGEST_SIZE, blockCountOf, type Compression, type EncryptionInfo, type ImageHeader, type SourceKind } from './image/layout.js';
 import { KeyRing } from './image/reader.js';
-import { WorkerPool } from './image/worker-pool.js';
+import { batchRunner } from './image/worker-pool.js';
 import { ImageWriter } from './image/writer.js';
 import { groupChains, listFolder, loadChain, type ChainFile } from './folder.js';
 import { FolderLock } from './lock.js';
@@ -44,6 +44,7 @@ export interface BackupOptions {
   changedBlocksFile?: string;
   pre?: string;
   post?: string;
+  /** encoding threads; 0 encodes on the calling thread; default one per core */
   workers?: number;
   onWarning?: (message: string) => void;
   onProgress?: (done: number, total: number) => void;
@@ -208,7 +209,7 @@ async function capture(dir: string, source: RawDevice, plan: Plan, opts: BackupO
   const name = formatImageName({ volume: plan.volume, base: plan.base, last: plan.number, levelBits: 0 });
   const finalPath = join(dir, name);
   const writer = await ImageWriter.create(finalPath, header);
-  const pool = new WorkerPool({ compression, level: header.compressionLevel, keys: plan.keys }, opts.workers);
+  const pool = batchRunner({ compression, level: header.compressionLevel, keys: plan.keys }, opts.workers);
   let bytesRead = 0;
   let freedBytes = 0;
   try {

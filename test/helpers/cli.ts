@@ -34,8 +34,8 @@ export async function sha256File(path: string): Promise<string> {
   return h.digest('hex');
 }
 
-export async function tempDir(prefix: string): Promise<{ dir: string; cleanup: () => Promise<void> }> {
-  const dir = await mkdtemp(join(tmpdir(), `ik-${prefix}-`));
+export async function tempDir(prefix: string, parent = tmpdir()): Promise<{ dir: string; cleanup: () => Promise<void> }> {
+  const dir = await mkdtemp(join(parent, `ik-${prefix}-`));
   return { dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
 }
 

@@ -4,13 +4,39 @@
  */
 import { Worker } from 'node:worker_threads';
 import { availableParallelism } from 'node:os';
-import type { EncodeOptions } from './block-codec.js';
-import type { BatchRequest, BatchResult } from './block-batch.js';
+import { BlockEncoder, type EncodeOptions } from './block-codec.js';
+import { processBatch, type BatchRequest, type BatchResult } from './block-batch.js';
 
 // Under the test runner the sources run as .ts through a loader that workers inherit.
 const workerUrl = new URL(import.meta.url.endsWith('.ts') ? './block-worker.ts' : './block-worker.js', import.meta.url);
 
-export class WorkerPool {
+/** What a backup needs from its encoders: run a batch, close. */
+export interface BatchRunner {
+  run(req: BatchRequest): Promise<BatchResult>;
+  close(): Promise<void>;
+}
+
+/**
+ * Encodes on the calling thread: for tiny sources and long in-process simulations, where
+ * starting workers costs more than the work.
+ */
+export class InlineRunner implements BatchRunner {
+  private readonly encoder: BlockEncoder;
+  constructor(private readonly opts: EncodeOptions) {
+    this.encoder = new BlockEncoder(opts);
+  }
+  async run(req: BatchRequest): Promise<BatchResult> {
+    return processBatch(req, this.opts, this.encoder);
+  }
+  async close(): Promise<void> {}
+}
+
+/** Workers for `size` > 0 (default: one per core), else the calling thread. */
+export function batchRunner(opts: EncodeOptions, size?: number): BatchRunner {
+  return size === 0 ? new InlineRunner(opts) : new WorkerPool(opts, size);
+}
+
+export class WorkerPool implements BatchRunner {
   private readonly workers: Worker[];
   private readonly pending = new Map<number, { resolve: (r: BatchResult) => void; reject: (e: Error) => void }>();
   private next = 0;

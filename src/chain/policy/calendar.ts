@@ -115,10 +115,22 @@ export function daysInMonth(year: number, month: number): number {
   return new Date(Date.UTC(year, month, 0)).getUTCDate();
 }
 
+// Intl formatting costs some 20 µs; a chain's planning asks for the same point times night after night.
+const dayMemo = new Map<string, Map<number, Day>>();
+const DAY_MEMO_LIMIT = 100_000;
+
 /** The business day of instant `ms` in `zone`. */
 export function dayOf(ms: number, zone: string): Day {
   if (!Number.isFinite(ms)) throw new UsageError(`${ms} is not a time`);
-  return dayFromUtcMs(wallOf(ms, zone));
+  let memo = dayMemo.get(zone);
+  if (!memo) dayMemo.set(zone, (memo = new Map()));
+  let day = memo.get(ms);
+  if (day === undefined) {
+    if (memo.size >= DAY_MEMO_LIMIT) memo.clear();
+    day = dayFromUtcMs(wallOf(ms, zone));
+    memo.set(ms, day);
+  }
+  return day;
 }
 
 export function addDays(day: Day, n: number): Day {

@@ -14,8 +14,9 @@
  *   3. if d is the (clamped) end-of-month day: everything after the newest file of level >=
  *      monthly, up to the last point on or before d → `-cd-cm`, or `-cd-cw-cm` when d is
  *      also the end-of-week day;
- *   4. rolling (rollingMonths = N > 0, and only when retention is on, since rolling is the
- *      retention of monthlies): when more than N monthlies follow the newest `-cr`, the oldest
+ *   4. rolling (rollingMonths = N > 0, and only when consolidation and retention are both on:
+ *      it is a collapse, and the retention of monthlies; with retention off each month would
+ *      add a -cr and remove none): when more than N monthlies follow the newest `-cr`, the oldest
  *      is rolled: a new `-cr` covering 1..its last, named as that monthly plus `-cr` (after
  *      missed months, all monthlies beyond N at once, named after the newest of them).
  * A period without any point after the newest file of its level yields nothing. Sources are
@@ -35,6 +36,15 @@
  * dependency path of any file that stays is kept, and so is the newest point's file. The
  * removals come after every collapse, newest point first, so that a run killed between two
  * removals leaves no remaining file whose path lost a file.
+ *
+ * Where SPEC §7 is silent:
+ *   - a weekly or monthly "on" day d is built by the first run after d has ended, like d's daily;
+ *   - a collapse's age is the day of its end point (a weekly whose week ended without images
+ *     is as old as its last point);
+ *   - `removal: move` applies to every removal (the executor moves into Incrementals/);
+ *   - a chain whose newest point cannot be restored (a missing link or base) gets no plan: a
+ *     ChainBrokenError; a kept orphan whose own path is broken protects what is left of it;
+ *   - a second run on the same night plans nothing (the plan depends on the files only).
  */
 import { ChainBrokenError, ImagekeepError } from '../../formats/errors.js';
 import { LEVEL_BITS } from '../image/layout.js';
@@ -385,9 +395,4 @@ export function applyPlan(files: readonly PlanFile[], plan: Plan): PlanFile[] {
     }
   }
   return [...out.values()];
-}
-
-/** The dependency path of `target` among `files` (SPEC §4), newest first; ChainBrokenError on a missing link. */
-export function planFilePath(files: readonly PlanFile[], target: PlanFile): PlanFile[] {
-  return new ChainSet(target.volume, target.base, files).path(target, true);
 }
