@@ -6,6 +6,7 @@ import { basename, dirname, resolve } from 'node:path';
 import { stat } from 'node:fs/promises';
 import { ChainBrokenError, ForeignFormatError, UsageError } from '../formats/errors.js';
 import { groupChains, listFolder, loadChain, type ChainFile } from './folder.js';
+import { TEMP_PREFIX } from './durable.js';
 import { dependencyPath } from './path.js';
 import { PointInTime } from './point.js';
 import { KeyRing } from './image/reader.js';
@@ -18,6 +19,9 @@ export async function resolvePath(imagePath: string): Promise<{ chain: ChainFile
   await stat(abs).catch(() => {
     throw new UsageError(`${imagePath} does not exist`);
   });
+  if (name.startsWith(TEMP_PREFIX)) {
+    throw new UsageError(`${name} is the temporary file of an unfinished write, not an image; the next backup or process in its folder removes it`);
+  }
   const parsed = parseImageName(name);
   if (!parsed) {
     if (looksLikeImageName(name)) throw new ForeignFormatError(`${name} is not named as an imagekeep image (VOLUME-bNNN.spf or VOLUME-bNNN-iNNN[-cd…].spi)`);
@@ -28,7 +32,8 @@ export async function resolvePath(imagePath: string): Promise<{ chain: ChainFile
   const { files, unreadable } = await loadChain(mine);
   const bad = unreadable.find((u) => u.image.name === name);
   if (bad) throw bad.error;
-  const target = files.find((f) => f.name === name)!;
+  const target = files.find((f) => f.name === name);
+  if (!target) throw new UsageError(`${name} is not an image of ${dirname(abs)}`);
   let path: ChainFile[];
   try {
     path = dependencyPath(target, files);
