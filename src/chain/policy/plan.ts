@@ -124,6 +124,7 @@ class ChainSet {
 
   add(f: PlanFile): void {
     this.byName.set(f.name, f);
+    this.ends = undefined;
     const list = this.byLast.get(f.last);
     if (list) list.push(f);
     else this.byLast.set(f.last, [f]);
@@ -133,6 +134,7 @@ class ChainSet {
     const f = this.byName.get(name);
     if (!f) return;
     this.byName.delete(name);
+    this.ends = undefined;
     const list = this.byLast.get(f.last)!.filter((x) => x !== f);
     if (list.length) this.byLast.set(f.last, list);
     else this.byLast.delete(f.last);
@@ -158,11 +160,21 @@ class ChainSet {
     return n;
   }
 
+  /** ends[r]: the end of the newest file of level rank r or higher (cached until the set changes) */
+  private ends: number[] | undefined;
+
   /** The end of the newest file of level `rank` or higher; 0 (the base) when there is none. */
   endAtLeast(rank: number): number {
-    let end = 0;
-    for (const f of this.byName.values()) if (f.last > end && levelRank(f.levelBits) >= rank) end = f.last;
-    return end;
+    if (!this.ends) {
+      const ends = [0, 0, 0, 0, 0];
+      for (const f of this.byName.values()) {
+        const r = levelRank(f.levelBits);
+        ends[r] = Math.max(ends[r]!, f.last);
+      }
+      for (let r = ends.length - 2; r >= 0; r--) ends[r] = Math.max(ends[r]!, ends[r + 1]!);
+      this.ends = ends;
+    }
+    return this.ends[Math.min(rank, this.ends.length - 1)]!;
   }
 
   /**
@@ -256,15 +268,21 @@ export function planNight(files: readonly PlanFile[], settings: PolicySettings, 
   // A chain whose newest point cannot be restored needs an administrator, not a plan.
   chain.path(chain.bestAt(newestPoint) ?? chain.base, true);
 
-  const lastPointOn = (d: Day): number | undefined => {
-    let found: number | undefined;
-    for (const p of points) if (p > 0 && dayOfPoint.get(p) === d) found = p;
-    return found;
-  };
+  // Points are in time order (checked), so their days never decrease.
+  const pointDayList = points.map((p) => dayOfPoint.get(p)!);
   const lastPointUpTo = (d: Day): number => {
-    let found = 0;
-    for (const p of points) if (dayOfPoint.get(p)! <= d) found = p;
-    return found;
+    let lo = 0;
+    let hi = points.length; // the first index whose day is after d
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (pointDayList[mid]! <= d) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo === 0 ? 0 : points[lo - 1]!;
+  };
+  const lastPointOn = (d: Day): number | undefined => {
+    const p = lastPointUpTo(d);
+    return p > 0 && dayOfPoint.get(p) === d ? p : undefined;
   };
 
   const collapse = (level: CollapseLevel, day: Day, first: number, last: number, levelBits: number, why: string): PlanFile => {
