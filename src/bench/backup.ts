@@ -14,8 +14,9 @@ import { randomFillSync } from 'node:crypto';
 import { open, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { backup, type BackupResult } from '../chain/backup.js';
-import { LocalFile } from '../formats/local-file.js';
 import {
+  fsyncClock,
+  instrumentFsync,
   KiB, MiB, Rng, checkOptions, cleanupOnSignal, fmtMiB, fmtS, fsyncFile, mibps, parseArgs, parseSize, pass, scratchDir, secs,
   timeShell, warmCache, type Shell,
 } from './common.js';
@@ -89,19 +90,6 @@ async function changeBlocks(path: string, size: number, fraction: number, rng: R
   return want;
 }
 
-/** Time spent in LocalFile.flush (fsync of the image and its sidecar) during our backups. */
-let fsyncSeconds = 0;
-function instrumentFsync(): void {
-  const flush = LocalFile.prototype.flush;
-  LocalFile.prototype.flush = async function (this: LocalFile): Promise<void> {
-    const t0 = performance.now();
-    try {
-      await flush.call(this);
-    } finally {
-      fsyncSeconds += secs(t0);
-    }
-  };
-}
 
 interface Timed {
   seconds: number;
@@ -115,14 +103,14 @@ interface Timed {
 
 async function timedBackup(src: string, folder: string): Promise<Timed> {
   await warmCache(src);
-  fsyncSeconds = 0;
+  fsyncClock.seconds = 0;
   const elu = performance.eventLoopUtilization();
   const cpu = process.cpuUsage();
   const t0 = performance.now();
   const result = await backup(src, folder, { forensic: true });
   const seconds = secs(t0);
   const used = process.cpuUsage(cpu);
-  return { seconds, cpu: (used.user + used.system) / 1e6, fsync: fsyncSeconds, mainBusy: performance.eventLoopUtilization(elu).utilization, result };
+  return { seconds, cpu: (used.user + used.system) / 1e6, fsync: fsyncClock.seconds, mainBusy: performance.eventLoopUtilization(elu).utilization, result };
 }
 
 async function timedPeer(src: string, command: string): Promise<Shell> {

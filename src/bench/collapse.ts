@@ -29,8 +29,9 @@ import { ImageFile } from '../chain/image/reader.js';
 import { dependencyPath } from '../chain/path.js';
 import { sidecarPathFor } from '../chain/sidecar.js';
 import { deepCheck } from '../chain/verify.js';
-import { LocalFile } from '../formats/local-file.js';
 import {
+  fsyncClock,
+  instrumentFsync,
   Rng, checkOptions, cleanupOnSignal, fmtBytes, fmtMiB, fmtS, mibps, parseArgs, parseSize, pass, scratchDir, secs,
   timeShell, warmCache, type Shell,
 } from './common.js';
@@ -52,19 +53,6 @@ const HOUR = 3600_000;
 const T0 = Date.UTC(2024, 0, 1, 0, 0, 0);
 const CLI = fileURLToPath(new URL('../../bin/imagekeep.js', import.meta.url));
 
-/** Time spent in LocalFile.flush (fsyncs of the image and sidecar) during our collapses. */
-let fsyncSeconds = 0;
-function instrumentFsync(): void {
-  const flush = LocalFile.prototype.flush;
-  LocalFile.prototype.flush = async function (this: LocalFile): Promise<void> {
-    const t0 = performance.now();
-    try {
-      await flush.call(this);
-    } finally {
-      fsyncSeconds += secs(t0);
-    }
-  };
-}
 
 interface Scenario {
   dir: string;
@@ -173,14 +161,14 @@ interface Timed {
 async function timedCollapse(s: Scenario): Promise<Timed> {
   await sync();
   for (const f of s.sources) await warmCache(f.path);
-  fsyncSeconds = 0;
+  fsyncClock.seconds = 0;
   const elu = performance.eventLoopUtilization();
   const cpu = process.cpuUsage();
   const t0 = performance.now();
   const result = await collapse(s.folder, s.sources, { first: 1, last: s.hours.length, levelBits: LEVEL_BITS.cd }, { now: T0 + (s.hours.length + 1) * HOUR });
   const seconds = secs(t0);
   const used = process.cpuUsage(cpu);
-  return { seconds, cpu: (used.user + used.system) / 1e6, fsync: fsyncSeconds, mainBusy: performance.eventLoopUtilization(elu).utilization, result };
+  return { seconds, cpu: (used.user + used.system) / 1e6, fsync: fsyncClock.seconds, mainBusy: performance.eventLoopUtilization(elu).utilization, result };
 }
 
 async function removeOutput(t: Timed): Promise<void> {

@@ -6,6 +6,7 @@ import { spawn } from 'node:child_process';
 import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { LocalFile } from '../formats/local-file.js';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -231,4 +232,19 @@ export function mibps(bytes: number, seconds: number): string {
 
 export function pass(ok: boolean): string {
   return ok ? 'ok' : 'MISSED';
+}
+
+/** Time spent in LocalFile.flush (fsyncs of images and sidecars) while a benchmark runs. */
+export const fsyncClock = { seconds: 0 };
+
+export function instrumentFsync(): void {
+  const flush = LocalFile.prototype.flush;
+  LocalFile.prototype.flush = async function (this: LocalFile): Promise<void> {
+    const t0 = performance.now();
+    try {
+      await flush.call(this);
+    } finally {
+      fsyncClock.seconds += secs(t0);
+    }
+  };
 }
