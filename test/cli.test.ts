@@ -36,7 +36,12 @@ t.test('an interrupted backup leaves nothing behind', async (t) => {
   const p = spawn(process.execPath, [BIN, 'backup', src, folder, '--forensic'], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   p.stderr.on('data', (d) => (stderr += d));
-  await new Promise((r) => setTimeout(r, 1200));
+  // Interrupt only once the backup is writing: its temporary image exists.
+  for (let waited = 0; waited < 60_000; waited += 50) {
+    const names = await readdir(folder).catch(() => [] as string[]);
+    if (names.some((n) => n.startsWith('.imagekeep-tmp-'))) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
   p.kill('SIGINT');
   const code = await new Promise<number | null>((r) => p.on('close', r));
   t.equal(code, 130, 'exit 130');
