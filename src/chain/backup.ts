@@ -7,7 +7,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { execFile } from 'node:child_process';
-import { mkdir, readFile, stat } from 'node:fs/promises';
+import { mkdir, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { RefusedError, UsageError, WrongPasswordError } from '../formats/errors.js';
@@ -28,6 +28,7 @@ import { readSidecar } from './sidecar.js';
 import { writeKeyFile } from './keyfile.js';
 import { readBadLog } from './badlog.js';
 import { readChangedBlocks } from './changed-blocks.js';
+import { mountsOf } from './in-use.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -299,16 +300,8 @@ async function runHook(which: string, command: string): Promise<void> {
 
 /** A source block device (or a partition of it) mounted read-write changes under our feet. */
 async function warnIfMountedReadWrite(sourcePath: string, warn: (m: string) => void): Promise<void> {
-  const st = await stat(sourcePath);
-  if (!st.isBlockDevice()) return;
-  const dev = resolve(sourcePath);
-  const mounts = await readFile('/proc/mounts', 'utf8').catch(() => '');
-  for (const line of mounts.split('\n')) {
-    const [what, where, , options] = line.split(' ');
-    if (!what || !options) continue;
-    if ((what === dev || (what.startsWith(dev) && /^p?\d+$/.test(what.slice(dev.length)))) && options.split(',').includes('rw')) {
-      warn(`${what} is mounted read-write at ${where}: the image may be inconsistent; use --pre/--post to freeze it or back up a snapshot`);
-    }
+  if (!(await stat(sourcePath)).isBlockDevice()) return;
+  for (const m of await mountsOf(sourcePath)) {
+    if (m.options.includes('rw')) warn(`${m.what} is mounted read-write at ${m.where}: the image may be inconsistent; use --pre/--post to freeze it or back up a snapshot`);
   }
 }
-

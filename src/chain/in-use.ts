@@ -10,19 +10,31 @@ export interface InUse {
   by: string;
 }
 
-export async function mountedUse(target: string): Promise<InUse | null> {
-  const real = await realpath(target);
-  const mounts = await readFile('/proc/mounts', 'utf8').catch(() => '');
-  for (const line of mounts.split('\n')) {
-    const [what, where] = line.split(' ');
-    if (what && (what === target || what === real || (await realpath(what).catch(() => '')) === real)) {
-      return { by: `mounted at ${where}` };
-    }
-    // A partition of a whole-disk block device.
-    if (what && real.startsWith('/dev/') && what.startsWith(real) && /^p?\d+$/.test(what.slice(real.length))) {
-      return { by: `${what} mounted at ${where}` };
+export interface MountEntry {
+  what: string;
+  where: string;
+  options: string[];
+}
+
+/** /proc/mounts entries whose source is `path` itself or, for a block device, one of its partitions. */
+export async function mountsOf(path: string): Promise<MountEntry[]> {
+  const real = await realpath(path);
+  const found: MountEntry[] = [];
+  for (const line of (await readFile('/proc/mounts', 'utf8').catch(() => '')).split('\n')) {
+    const [what, where, , options] = line.split(' ');
+    if (!what || !where) continue;
+    const isPartition = real.startsWith('/dev/') && what.startsWith(real) && /^p?\d+$/.test(what.slice(real.length));
+    if (what === path || what === real || isPartition || (await realpath(what).catch(() => '')) === real) {
+      found.push({ what, where, options: (options ?? '').split(',') });
     }
   }
+  return found;
+}
+
+export async function mountedUse(target: string): Promise<InUse | null> {
+  const real = await realpath(target);
+  const [mount] = await mountsOf(target);
+  if (mount) return { by: mount.what === target || mount.what === real ? `mounted at ${mount.where}` : `${mount.what} mounted at ${mount.where}` };
   for (const pid of await readdir('/proc').catch(() => [] as string[])) {
     if (!/^\d+$/.test(pid) || Number(pid) === process.pid) continue;
     let holds = false;

@@ -13,8 +13,8 @@ import { readBadLog, formatBadLog } from './badlog.js';
 import { resolvePath } from './open.js';
 import { md5SidecarText, sidecarPathFor } from './sidecar.js';
 import { currentState, loadState, saveState, type FolderState } from './state.js';
-import { deepCheck, deepVerify, md5OfFile, quickVerify, type FileCheck } from './verify.js';
-import { ImageFile, KeyRing } from './image/reader.js';
+import { deepVerify, md5OfFile, quickVerify, type FileCheck } from './verify.js';
+import { KeyRing } from './image/reader.js';
 import { FolderLock } from './lock.js';
 
 export interface VerifyOptions {
@@ -71,7 +71,8 @@ async function verifyNames(dir: string, names: string[], state: FolderState, opt
       continue;
     }
     let check: FileCheck & { repaired?: boolean } = opts.deep ? await deepVerify(path, keyring) : await quickVerify(path);
-    if (!check.ok && check.sidecar === 'missing' && opts.deep && opts.repair && (await blocksSound(path, keyring))) {
+    // Deep verify already checked every block; only the sidecar is then missing.
+    if (!check.ok && check.sidecar === 'missing' && check.blocksOk && opts.repair) {
       const md5 = await md5OfFile(path);
       await writeFileAtomic(sidecarPathFor(path), Buffer.from(md5SidecarText(md5, name)), new Date(now));
       check = { name, ok: true, md5, sidecar: 'present', repaired: true };
@@ -87,21 +88,6 @@ async function verifyNames(dir: string, names: string[], state: FolderState, opt
   const present = new Set((await listFolder(dir)).images.map((i) => i.name));
   for (const name of Object.keys(state.files)) if (!present.has(name)) delete state.files[name];
   return report;
-}
-
-/** Deep check of the blocks alone (the sidecar is what is missing). */
-async function blocksSound(path: string, keyring: KeyRing): Promise<boolean> {
-  try {
-    const image = await ImageFile.open(path, keyring);
-    try {
-      await deepCheck(image);
-      return true;
-    } finally {
-      await image.close();
-    }
-  } catch {
-    return false;
-  }
 }
 
 /** Rewrites each touched chain's .bad.log: known-bad files stay listed until they verify good. */

@@ -18,6 +18,8 @@ export interface FileCheck {
   reason?: string;
   md5?: string;
   sidecar: 'present' | 'missing';
+  /** deep only: did the structure and every block check out (whatever the sidecar says)? */
+  blocksOk?: boolean;
 }
 
 /** MD5 of a whole file, with two reads in flight so hashing and reading overlap. */
@@ -85,18 +87,16 @@ export async function deepVerify(path: string, keyring: KeyRing): Promise<FileCh
   try {
     image = await ImageFile.open(path, keyring);
   } catch (e) {
-    if (e instanceof ImagekeepError) return { name, ok: false, reason: e.message.replace(`${name}: `, ''), sidecar: 'present' };
+    if (e instanceof ImagekeepError) return { name, ok: false, reason: e.message.replace(`${name}: `, ''), sidecar: 'present', blocksOk: false };
     throw e;
   }
   try {
     await deepCheck(image);
   } catch (e) {
-    if (e instanceof ImagekeepError) return { name, ok: false, reason: e.message.replace(`${name}: `, ''), sidecar: 'present' };
+    if (e instanceof ImagekeepError) return { name, ok: false, reason: e.message.replace(`${name}: `, ''), sidecar: 'present', blocksOk: false };
     throw e;
   } finally {
     await image.close();
   }
-  const quick = await quickVerify(path);
-  if (quick.sidecar === 'missing') return { name, ok: false, reason: quick.reason, sidecar: 'missing' };
-  return quick;
+  return { ...(await quickVerify(path)), blocksOk: true };
 }
