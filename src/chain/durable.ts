@@ -1,25 +1,14 @@
 /**
- * Durable steps and the fault-injection switch. Every write, fsync, rename and unlink that
- * matters goes through here; with IMAGEKEEP_CRASH_AT=k the process kills itself (SIGKILL,
- * so no cleanup code runs) just before its k-th durable step. Crash tests run every k.
- * IMAGEKEEP_CRASH_TRACE=1 prints each step to stderr.
+ * Durable steps of the chain's files: every write, fsync, rename and unlink that matters goes
+ * through here, so the fault-injection switch (src/formats/durable.ts) can fire before any.
  */
 import { open, rename, unlink, utimes } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { LocalFile } from '../formats/local-file.js';
 import type { RandomAccessFile } from '../formats/types.js';
+import { durableStep } from '../formats/durable.js';
 
-let stepCount = 0;
-const crashAt = Number(process.env.IMAGEKEEP_CRASH_AT ?? 0);
-const trace = process.env.IMAGEKEEP_CRASH_TRACE === '1';
-
-export function durableStep(what: string): void {
-  stepCount++;
-  if (trace) process.stderr.write(`durable step ${stepCount}: ${what}\n`);
-  if (crashAt > 0 && stepCount === crashAt) {
-    process.kill(process.pid, 'SIGKILL');
-  }
-}
+export { durableStep };
 
 export async function durableWrite(file: RandomAccessFile, data: Uint8Array, at: number): Promise<void> {
   durableStep(`write ${data.length} B at ${at} of ${file.path}`);
