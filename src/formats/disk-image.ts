@@ -74,3 +74,27 @@ export interface CreateOptions {
   /** Seconds since the epoch, for timestamps inside the format; default now. */
   time?: number;
 }
+
+/** Our own structure check of a disk: what independent tools do not look at. */
+export interface StructureReport {
+  /** One sentence per problem found; empty when the disk is sound. */
+  problems: string[];
+  /** Sizes and offsets of the format's structures (virtual size, block size, table offsets, allocated blocks). */
+  layout: Record<string, number | string | boolean>;
+}
+
+/**
+ * One format's codec, as the registry (src/formats/registry.ts) sees it. Built explicitly,
+ * never registered as a side effect of an import.
+ */
+export interface FormatDriver {
+  readonly format: DiskFormat;
+  /** How sure the driver is that these are its bytes, 0..100, from the file's first 64 KiB and last 512 bytes. */
+  probe(head: Uint8Array, tail: Uint8Array): number;
+  open(file: RandomAccessFile, opener: FileOpener): Promise<DiskImage>;
+  /** Creates a new disk in `file` (empty, opened for writing). Absent for formats we only read. */
+  create?(file: RandomAccessFile, opener: FileOpener, options: CreateOptions): Promise<DiskWriter>;
+  /** Opens an existing disk to grow it in place, first repairing what the format allows (VHD's trailing footer). */
+  openWritable?(file: RandomAccessFile, opener: FileOpener): Promise<DiskWriter>;
+  check(file: RandomAccessFile, opener: FileOpener): Promise<StructureReport>;
+}
