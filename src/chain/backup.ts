@@ -11,7 +11,8 @@ import { mkdir, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { RefusedError, UsageError, WrongPasswordError } from '../formats/errors.js';
-import { RawDevice } from '../formats/raw.js';
+import type { DiskImage } from '../formats/disk-image.js';
+import { formats } from '../formats/drivers.js';
 import { findFreeRanges, freeBlockMask } from '../formats/fs/allocation.js';
 import { PREV_DATA, PREV_ZERO, type BatchRequest, type BatchResult } from './image/block-batch.js';
 import { createChainKey, type ChainKeys } from './image/crypto.js';
@@ -33,6 +34,8 @@ import { mountsOf } from './in-use.js';
 const execFileAsync = promisify(execFile);
 
 export interface BackupOptions {
+  /** Format of the source file (raw, vhd, vhdx, vmdk, qcow2); probed when absent. */
+  sourceFormat?: string;
   volume?: string;
   full?: boolean;
   /** capture time of the point, ms since the epoch; default now */
@@ -78,7 +81,7 @@ export async function backup(sourcePath: string, folder: string, opts: BackupOpt
   const warn = opts.onWarning ?? (() => {});
   const dir = resolve(folder);
   await mkdir(dir, { recursive: true });
-  const source = await openSource(sourcePath);
+  const source = await openSource(sourcePath, opts.sourceFormat);
   let ranPre = false;
   let lock: FolderLock | null = null;
   try {
@@ -114,14 +117,15 @@ interface Plan {
   previous: PointInTime | null;
 }
 
-async function openSource(path: string): Promise<RawDevice> {
+/** A block device, a raw file, or a virtual disk in any format we read (probed, or as named). */
+async function openSource(path: string, format?: string): Promise<DiskImage> {
   const st = await stat(path).catch(() => null);
   if (!st) throw new UsageError(`source ${path} does not exist`);
   if (!st.isFile() && !st.isBlockDevice()) throw new UsageError(`source ${path} is not a disk image file or a block device`);
-  return RawDevice.openPath(path);
+  return formats.openPath(path, format);
 }
 
-async function planBackup(dir: string, source: RawDevice, opts: BackupOptions, warn: (m: string) => void): Promise<Plan> {
+async function planBackup(dir: string, source: DiskImage, opts: BackupOptions, warn: (m: string) => void): Promise<Plan> {
   const { images } = await listFolder(dir);
   const volumes = [...new Set(images.map((i) => i.volume))];
   const volume = opts.volume ?? (volumes.length === 1 ? volumes[0]! : 'C_VOL');
@@ -185,7 +189,7 @@ async function planBackup(dir: string, source: RawDevice, opts: BackupOptions, w
   };
 }
 
-async function capture(dir: string, source: RawDevice, plan: Plan, opts: BackupOptions, warn: (m: string) => void, started: number): Promise<BackupResult> {
+async function capture(dir: string, source: DiskImage, plan: Plan, opts: BackupOptions, warn: (m: string) => void, started: number): Promise<BackupResult> {
   const { blockSize } = plan;
   const blockCount = blockCountOf(source.size, blockSize);
   let sourceKind: SourceKind = 'disk';

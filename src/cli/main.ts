@@ -5,7 +5,9 @@
 import { Command, Option } from 'commander';
 import { backup } from '../chain/backup.js';
 import { describeFolder } from '../chain/describe.js';
-import { exportRaw, restore } from '../chain/export.js';
+import { restore } from '../chain/export.js';
+import { exportDisk } from '../chain/export-disk.js';
+import { formats } from '../formats/drivers.js';
 import { KeyRing } from '../chain/image/reader.js';
 import { openPoint, resolvePath } from '../chain/open.js';
 import { readSidecar } from '../chain/sidecar.js';
@@ -40,8 +42,9 @@ program.command('backup')
     'The first backup of a volume (or --full) starts a new chain (base .spf); later ones add incrementals (.spi) ' +
     'holding only the blocks that changed. By default free space of NTFS and ext2/3/4 volumes is recorded as zero ' +
     '(active-sector mode); --forensic keeps every non-zero block so a restore is byte-identical.')
-  .argument('<source>', 'raw disk image file or block device')
+  .argument('<source>', 'block device, or disk image file: raw, VHD, VHDX, VMDK or qcow2 (probed)')
   .argument('<folder>', 'backup folder (created when missing)')
+  .addOption(new Option('--source-format <format>', 'format of <source> when probing should not decide').choices(formats.formats))
   .option('--volume <name>', 'volume name used in file names (default: the folder\'s only volume, else C_VOL)')
   .option('--full', 'start a new chain with a full base image')
   .option('--at <time>', 'capture time to record (ISO-8601; without an offset, in the folder\'s time zone; must be after the previous point); also the file mtime')
@@ -57,7 +60,7 @@ program.command('backup')
   .action(async (source: string, folder: string, o) => {
     const bar = o.json ? null : progressBar('backup');
     const r = await backup(source, folder, {
-      volume: o.volume, full: !!o.full, at: o.at ? parseLocalTime(o.at, await folderTimeZone(folder), '--at') : undefined, forensic: !!o.forensic,
+      sourceFormat: o.sourceFormat, volume: o.volume, full: !!o.full, at: o.at ? parseLocalTime(o.at, await folderTimeZone(folder), '--at') : undefined, forensic: !!o.forensic,
       blockSize: parseSize(o.blockSize, '--block-size'), compression: o.compress, compressionLevel: Number(o.compressLevel),
       password: await readPassword(o.passwordFile), changedBlocksFile: o.changedBlocks, pre: o.pre, post: o.post,
       onWarning: warnLine, onProgress: bar?.update, signal: interrupt.signal,
@@ -142,22 +145,31 @@ async function pointFor(image: string, passwordFile: string | undefined) {
 }
 
 program.command('export')
-  .summary('write the point in time of an image to a new raw disk file')
-  .description('Write the point in time of an image to a new file (sparse raw; other formats follow).')
+  .summary('write the point in time of an image to a new virtual disk (raw, VHD, VHDX, VMDK, qcow2)')
+  .description('Write the point in time of an image to a new disk file: sparse raw, VHD (fixed or dynamic), VHDX (dynamic), ' +
+    'VMDK (monolithicSparse, streamOptimized for OVF/vSphere uploads, monolithicFlat, or vmfs: descriptor + -flat.vmdk as an ' +
+    'ESXi datastore keeps disks) or qcow2 (v3). Files are written under temporary names and renamed when complete.')
   .argument('<image>')
   .argument('<out>')
-  .addOption(new Option('--format <format>', 'output format').choices(['raw']).default('raw'))
+  .addOption(new Option('--format <format>', 'output format').choices(formats.formats).default('raw'))
+  .option('--subformat <name>', 'vhd: dynamic|fixed; vmdk: monolithicSparse|streamOptimized|monolithicFlat|vmfs')
+  .option('--block-size <bytes>', 'the format\'s block size (VHD/VHDX block, VMDK grain, qcow2 cluster); its default otherwise')
+  .option('--azure', 'VHD for Azure: fixed, size a whole number of MiB (refused otherwise)')
   .option('--force', 'replace <out> when it exists')
   .option('--password-file <file>', 'password of an encrypted chain (or IMAGEKEEP_PASSWORD_FILE)')
   .option('--json', 'print the result as JSON')
   .action(async (image: string, out: string, o) => {
+    if (o.azure && o.format !== 'vhd') throw new UsageError('--azure applies to --format vhd only');
     const point = await pointFor(image, o.passwordFile);
     const bar = o.json ? null : progressBar('export');
     try {
-      const r = await exportRaw(point, out, { force: !!o.force, onProgress: bar?.update, signal: interrupt.signal });
+      const r = await exportDisk(point, out, formats, {
+        format: o.format, subformat: o.azure ? 'fixed' : o.subformat, azure: !!o.azure, force: !!o.force,
+        blockSize: o.blockSize ? parseSize(o.blockSize, '--block-size') : undefined, onProgress: bar?.update, signal: interrupt.signal,
+      });
       bar?.stop();
       if (o.json) console.log(JSON.stringify(r, null, 2));
-      else console.log(`${out}: ${humanBytes(r.bytes)} (${humanBytes(r.dataBytes)} of data) in ${r.seconds.toFixed(1)} s`);
+      else console.log(`${r.files.join(' + ')}: ${r.format} ${r.subformat}, ${humanBytes(r.bytes)} (${humanBytes(r.dataBytes)} of data) in ${r.seconds.toFixed(1)} s`);
     } finally {
       bar?.stop();
       await point.close();

@@ -1,0 +1,131 @@
+/**
+ * `export --format vhd|vhdx|vmdk|qcow2`: a point in time written into a new virtual disk.
+ *
+ * Every file the format makes (a VMDK descriptor and its `-flat.vmdk`) is created under a
+ * temporary name through a staging opener and renamed to its final name only when the disk
+ * is complete, extents before the file that names them; a failure removes the temporaries.
+ * The point's data blocks go to the writer in ascending order, runs of adjacent blocks
+ * joined into one write of up to 4 MiB, zero blocks skipped (the new disk reads them as
+ * zeros), so a streamOptimized writer can take them as they come.
+ */
+import { stat, utimes } from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
+import type { CreateOptions, DiskWriter } from '../formats/disk-image.js';
+import { DurableFile } from '../formats/durable.js';
+import { UsageError } from '../formats/errors.js';
+import { LocalFile } from '../formats/local-file.js';
+import type { FormatRegistry } from '../formats/registry.js';
+import type { RandomAccessFile } from '../formats/types.js';
+import { durableRename, durableUnlink, syncDir, tempPathFor } from './durable.js';
+import { exportRaw, type WriteOutOptions, type WriteOutResult } from './export.js';
+import type { PointInTime } from './point.js';
+
+export interface ExportDiskOptions extends WriteOutOptions {
+  format: string;
+  subformat?: string;
+  force?: boolean;
+  blockSize?: number;
+  azure?: boolean;
+}
+
+export interface ExportDiskResult extends WriteOutResult {
+  format: string;
+  subformat: string;
+  /** Every file written, the disk's own first. */
+  files: string[];
+}
+
+const RUN_BYTES = 4 * 1024 * 1024;
+
+export async function exportDisk(point: PointInTime, out: string, registry: FormatRegistry, opts: ExportDiskOptions): Promise<ExportDiskResult> {
+  if (opts.format === 'raw') {
+    const r = await exportRaw(point, out, opts);
+    return { ...r, format: 'raw', subformat: 'raw', files: [r.path] };
+  }
+  const started = Date.now();
+  const driver = registry.get(opts.format);
+  if (!driver.create) throw new UsageError(`imagekeep reads ${opts.format} disks but does not write them`);
+  const path = resolve(out);
+  const staging = new StagingDir(dirname(path), !!opts.force);
+  let writer: DiskWriter | null = null;
+  try {
+    const file = await staging.open(basename(path));
+    const create: CreateOptions = { size: point.size, finalName: basename(path), subformat: opts.subformat, blockSize: opts.blockSize, azure: opts.azure, time: Math.floor(point.top.header.pointTime / 1000) };
+    writer = await driver.create(new DurableFile(file), (name) => staging.open(name).then((f) => new DurableFile(f)), create);
+    const dataBytes = await copyPointInto(point, writer, opts);
+    const w = writer;
+    writer = null;
+    await w.close();
+    const t = new Date(point.top.header.pointTime);
+    const files = await staging.commit(t);
+    return { path, bytes: point.size, dataBytes, seconds: (Date.now() - started) / 1000, format: w.format, subformat: w.subformat, files };
+  } catch (e) {
+    await writer?.abort().catch(() => {});
+    await staging.discard();
+    throw e;
+  }
+}
+
+/** Writes the point's data blocks in ascending order, adjacent ones joined into runs. */
+async function copyPointInto(point: PointInTime, writer: DiskWriter, opts: WriteOutOptions): Promise<number> {
+  const blocksPerRun = Math.max(1, Math.floor(RUN_BYTES / point.blockSize));
+  let dataBytes = 0;
+  let b = 0;
+  // One run is decoded while the previous one is being written.
+  let writing: Promise<void> = Promise.resolve();
+  while (b < point.blockCount) {
+    if (opts.signal?.aborted) throw opts.signal.reason ?? new Error('aborted');
+    if (!point.locate(b)) {
+      b++;
+      continue;
+    }
+    const first = b;
+    while (b < point.blockCount && b - first < blocksPerRun && point.locate(b)) b++;
+    const at = first * point.blockSize;
+    const length = Math.min(b * point.blockSize, point.size) - at;
+    const run = Buffer.allocUnsafe(length);
+    await point.readBlocks(first, b - first, run);
+    await writing;
+    dataBytes += length;
+    writing = writer.write(run, at);
+    opts.onProgress?.(at, point.size);
+  }
+  await writing;
+  opts.onProgress?.(point.size, point.size);
+  return dataBytes;
+}
+
+/** Files created under temporary names in one directory, renamed into place together. */
+class StagingDir {
+  private readonly staged: { tmp: string; final: string; file: RandomAccessFile }[] = [];
+
+  constructor(private readonly dir: string, private readonly force: boolean) {}
+
+  async open(name: string): Promise<RandomAccessFile> {
+    const final = join(this.dir, name);
+    const existing = await stat(final).catch(() => null);
+    if (existing && !this.force) throw new UsageError(`${final} exists; choose a new name or pass --force to replace it`);
+    if (existing && !existing.isFile()) throw new UsageError(`${final} is not a regular file`);
+    const tmp = tempPathFor(final);
+    const file = await LocalFile.open(tmp, 'wx');
+    this.staged.push({ tmp, final, file });
+    return file;
+  }
+
+  /** Renames the extents first and the disk's own file (opened first) last; returns the final names. */
+  async commit(mtime: Date): Promise<string[]> {
+    for (const s of [...this.staged.slice(1), this.staged[0]!]) {
+      await utimes(s.tmp, mtime, mtime);
+      await durableRename(s.tmp, s.final);
+    }
+    await syncDir(this.dir);
+    return this.staged.map((s) => s.final);
+  }
+
+  async discard(): Promise<void> {
+    for (const s of this.staged) {
+      await s.file.close().catch(() => {});
+      await durableUnlink(s.tmp).catch(() => {});
+    }
+  }
+}

@@ -1,0 +1,8 @@
+/**
+ * The registry of every format imagekeep reads and writes, most specific probes first and
+ * raw (which accepts anything) last.
+ */
+import { FormatRegistry } from './registry.js';
+import { rawDriver } from './raw.js';
+
+export const formats = new FormatRegistry([rawDriver]);
