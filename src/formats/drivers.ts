@@ -4,5 +4,6 @@
  */
 import { FormatRegistry } from './registry.js';
 import { rawDriver } from './raw.js';
+import { vhdDriver } from './vhd/index.js';
 
-export const formats = new FormatRegistry([rawDriver]);
+export const formats = new FormatRegistry([vhdDriver, rawDriver]);
