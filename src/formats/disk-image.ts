@@ -13,7 +13,7 @@ export type DiskFormat = 'raw' | 'vhd' | 'vhdx' | 'vmdk' | 'qcow2';
 /**
  * Sub-formats by format:
  *   vhd:   fixed | dynamic | differencing (read only)
- *   vhdx:  dynamic | differencing (read only)
+ *   vhdx:  dynamic | fixed
  *   vmdk:  monolithicSparse | streamOptimized | monolithicFlat | vmfs
  *   qcow2: v3 (v2 read)
  *   raw:   raw

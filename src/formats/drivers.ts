@@ -5,5 +5,6 @@
 import { FormatRegistry } from './registry.js';
 import { rawDriver } from './raw.js';
 import { vhdDriver } from './vhd/index.js';
+import { vhdxDriver } from './vhdx/index.js';
 
-export const formats = new FormatRegistry([vhdDriver, rawDriver]);
+export const formats = new FormatRegistry([vhdDriver, vhdxDriver, rawDriver]);
