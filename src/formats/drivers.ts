@@ -6,5 +6,6 @@ import { FormatRegistry } from './registry.js';
 import { rawDriver } from './raw.js';
 import { vhdDriver } from './vhd/index.js';
 import { vhdxDriver } from './vhdx/index.js';
+import { qcow2Driver } from './qcow2/index.js';
 
-export const formats = new FormatRegistry([vhdDriver, vhdxDriver, rawDriver]);
+export const formats = new FormatRegistry([vhdDriver, vhdxDriver, qcow2Driver, rawDriver]);
