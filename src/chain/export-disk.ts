@@ -19,6 +19,7 @@ import type { RandomAccessFile } from '../formats/types.js';
 import { durableRename, durableUnlink, syncDir, tempPathFor } from './durable.js';
 import { exportRaw, type WriteOutOptions, type WriteOutResult } from './export.js';
 import type { PointInTime } from './point.js';
+import { DecodePool } from './image/decode-pool.js';
 
 export interface ExportDiskOptions extends WriteOutOptions {
   format: string;
@@ -36,6 +37,8 @@ export interface ExportDiskResult extends WriteOutResult {
 }
 
 const RUN_BYTES = 4 * 1024 * 1024;
+/** Runs being read and decoded while the oldest is written: enough to keep two workers busy. */
+const IN_FLIGHT = 4;
 
 export async function exportDisk(point: PointInTime, out: string, registry: FormatRegistry, opts: ExportDiskOptions): Promise<ExportDiskResult> {
   if (opts.format === 'raw') {
@@ -66,31 +69,41 @@ export async function exportDisk(point: PointInTime, out: string, registry: Form
   }
 }
 
-/** Writes the point's data blocks in ascending order, adjacent ones joined into runs. */
+/**
+ * Writes the point's data blocks in ascending order, adjacent ones joined into runs of up to
+ * 4 MiB. Runs are decoded on worker threads, several in flight, and written in order.
+ */
 async function copyPointInto(point: PointInTime, writer: DiskWriter, opts: WriteOutOptions): Promise<number> {
   const blocksPerRun = Math.max(1, Math.floor(RUN_BYTES / point.blockSize));
+  const pool = new DecodePool(point.top.keys);
+  const inFlight: { at: number; data: Promise<Buffer> }[] = [];
   let dataBytes = 0;
-  let b = 0;
-  // One run is decoded while the previous one is being written.
-  let writing: Promise<void> = Promise.resolve();
-  while (b < point.blockCount) {
-    if (opts.signal?.aborted) throw opts.signal.reason ?? new Error('aborted');
-    if (!point.locate(b)) {
-      b++;
-      continue;
+  const writeOldest = async () => {
+    const run = inFlight.shift()!;
+    const data = await run.data;
+    dataBytes += data.length;
+    await writer.write(data, run.at);
+    opts.onProgress?.(run.at + data.length, point.size);
+  };
+  try {
+    let b = 0;
+    while (b < point.blockCount) {
+      if (opts.signal?.aborted) throw opts.signal.reason ?? new Error('aborted');
+      if (!point.locate(b)) {
+        b++;
+        continue;
+      }
+      const first = b;
+      while (b < point.blockCount && b - first < blocksPerRun && point.locate(b)) b++;
+      const data = pool.readBlocks(point, first, b - first);
+      data.catch(() => {}); // observed by writeOldest; avoid an unhandled rejection meanwhile
+      inFlight.push({ at: first * point.blockSize, data });
+      if (inFlight.length >= IN_FLIGHT) await writeOldest();
     }
-    const first = b;
-    while (b < point.blockCount && b - first < blocksPerRun && point.locate(b)) b++;
-    const at = first * point.blockSize;
-    const length = Math.min(b * point.blockSize, point.size) - at;
-    const run = Buffer.allocUnsafe(length);
-    await point.readBlocks(first, b - first, run);
-    await writing;
-    dataBytes += length;
-    writing = writer.write(run, at);
-    opts.onProgress?.(at, point.size);
+    while (inFlight.length > 0) await writeOldest();
+  } finally {
+    await pool.close();
   }
-  await writing;
   opts.onProgress?.(point.size, point.size);
   return dataBytes;
 }
