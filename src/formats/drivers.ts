@@ -7,5 +7,6 @@ import { rawDriver } from './raw.js';
 import { vhdDriver } from './vhd/index.js';
 import { vhdxDriver } from './vhdx/index.js';
 import { qcow2Driver } from './qcow2/index.js';
+import { vmdkDriver } from './vmdk/index.js';
 
-export const formats = new FormatRegistry([vhdDriver, vhdxDriver, qcow2Driver, rawDriver]);
+export const formats = new FormatRegistry([vhdDriver, vhdxDriver, vmdkDriver, qcow2Driver, rawDriver]);

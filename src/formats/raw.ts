@@ -43,15 +43,20 @@ export class RawDevice implements DiskImage {
 class RawWriter implements DiskWriter {
   readonly format = 'raw';
   readonly subformat = 'raw';
+  /** In a new file nothing at or past this offset has been written, so zeros there are already holes. */
+  private writtenEnd: number;
 
-  constructor(private readonly file: RandomAccessFile, readonly size: number, private readonly skipZeros: boolean) {}
+  constructor(private readonly file: RandomAccessFile, readonly size: number, fresh: boolean) {
+    this.writtenEnd = fresh ? 0 : size;
+  }
 
   async write(from: Uint8Array, at: number): Promise<void> {
     if (at < 0 || at + from.length > this.size) {
       throw new RangeError(`write of ${from.length} bytes at ${at} passes the disk size ${this.size}`);
     }
-    if (this.skipZeros && isAllZero(from)) return;
+    if (at >= this.writtenEnd && isAllZero(from)) return;
     await this.file.write(from, at);
+    this.writtenEnd = Math.max(this.writtenEnd, at + from.length);
   }
 
   read(into: Uint8Array, at: number): Promise<void> {
