@@ -13,12 +13,19 @@ import { openPoint, resolvePath } from '../chain/open.js';
 import { readSidecar } from '../chain/sidecar.js';
 import { verify } from '../chain/verify-folder.js';
 import { addProcessCommand } from './process-command.js';
+import { addMountCommands } from './mount-command.js';
 import { folderTimeZone } from '../chain/config.js';
 import { parseLocalTime } from '../chain/policy/calendar.js';
 import { UsageError } from '../formats/errors.js';
 
 import { InterruptedError, describeError } from './errors.js';
 import { humanBytes, parseSize, progressBar, readPassword, table, warnLine } from './output.js';
+
+// Output piped into a reader that stops early (`imagekeep ls | head`) is not an error.
+process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+  if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+  throw e;
+});
 
 // Ctrl-C or SIGTERM aborts long work cleanly: temporary files removed, the folder unlocked.
 const interrupt = new AbortController();
@@ -134,6 +141,7 @@ program.command('verify')
   });
 
 addProcessCommand(program);
+addMountCommands(program, interrupt);
 
 async function pointFor(image: string, passwordFile: string | undefined) {
   const keyring = new KeyRing(await readPassword(passwordFile));
