@@ -177,7 +177,7 @@ program.command('export')
       });
       bar?.stop();
       if (o.json) console.log(JSON.stringify(r, null, 2));
-      else console.log(`${r.files.join(' + ')}: ${r.format} ${r.subformat}, ${humanBytes(r.bytes)} (${humanBytes(r.dataBytes)} of data) in ${r.seconds.toFixed(1)} s`);
+      else console.log(`${r.files.join(' + ')}: ${r.format === r.subformat ? r.format : `${r.format} ${r.subformat}`}, ${humanBytes(r.bytes)} (${humanBytes(r.dataBytes)} of data) in ${r.seconds.toFixed(1)} s`);
     } finally {
       bar?.stop();
       await point.close();
