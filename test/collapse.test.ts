@@ -9,7 +9,7 @@ import { LEVEL_BITS } from '../src/chain/image/layout.js';
 import { imagekeep, sha256File, tempDir } from './helpers/cli.js';
 import { makeRawDisk, scribble } from './helpers/rawdisk.js';
 
-t.test('collapse of five incrementals', async (t) => {
+for (const workers of [false, true]) t.test(`collapse of five incrementals (${workers ? 'MD5 and read-back check in workers' : 'on the calling thread'})`, async (t) => {
   const { dir, cleanup } = await tempDir('collapse');
   t.teardown(cleanup);
   const src = join(dir, 'disk.raw');
@@ -31,7 +31,7 @@ t.test('collapse of five incrementals', async (t) => {
   const i5 = chain.find((f) => f.name === 'C_VOL-b001-i005.spi')!;
   const sources = dependencyPath(i5, chain).filter((f) => f.last >= 1);
   t.same(sources.map((s) => s.name), ['C_VOL-b001-i005.spi', 'C_VOL-b001-i004.spi', 'C_VOL-b001-i003.spi', 'C_VOL-b001-i002.spi', 'C_VOL-b001-i001.spi']);
-  const r = await collapse(folder, sources, { first: 1, last: 5, levelBits: LEVEL_BITS.cd }, { now: Date.parse('2026-09-02T00:05:00Z') });
+  const r = await collapse(folder, sources, { first: 1, last: 5, levelBits: LEVEL_BITS.cd }, { now: Date.parse('2026-09-02T00:05:00Z'), workers });
   t.equal(r.name, 'C_VOL-b001-i005-cd.spi');
 
   const qp = await imagekeep(['qp', join(folder, 'C_VOL-b001-i006.spi')]);

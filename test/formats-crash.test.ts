@@ -12,7 +12,7 @@ import { libyalCompare, qemuCheck, qemuChecks, qemuToRaw } from './helpers/disk-
 
 const CLI = join(ROOT, 'dist/devkit/grow-disk-cli.js');
 const SIZE = 48 * 2 ** 20;
-const SESSION = { seed: 7, count: 10, flushEvery: 4 };
+const SESSION = { seed: 7, count: 6, flushEvery: 3 };
 
 const GROWABLE: [format: string, subformat: string][] = [
   ['vhd', 'dynamic'], ['vhdx', 'dynamic'], ['vmdk', 'monolithicSparse'], ['vmdk', 'vmfs'], ['qcow2', 'v3'],

@@ -4,6 +4,7 @@
  * 1,000 indexes. `open` returns a ready object or throws a typed error.
  */
 import { createHash } from 'node:crypto';
+import { read } from 'node:fs';
 import { basename } from 'node:path';
 import { CorruptImageError, WrongPasswordError } from '../../formats/errors.js';
 import { LocalFile } from '../../formats/local-file.js';
@@ -15,9 +16,12 @@ import {
   type ImageHeader, type ImageIndex, type Trailer,
 } from './layout.js';
 
-/** Unwrapped chain keys, cached by wrapped key so a chain's images cost one scrypt. */
+/**
+ * Unwrapped chain keys, cached by wrapped key so a chain's images cost one scrypt (images
+ * opened at the same time wait for the same one).
+ */
 export class KeyRing {
-  private readonly cache = new Map<string, ChainKeys>();
+  private readonly cache = new Map<string, Promise<ChainKeys>>();
   constructor(readonly password: Buffer | null) {}
   async keysFor(header: ImageHeader, where: string): Promise<ChainKeys | null> {
     if (!header.encryption) return null;
@@ -27,8 +31,10 @@ export class KeyRing {
     if (!this.password) {
       throw new WrongPasswordError(`${where} is encrypted: give the password with --password-file FILE or IMAGEKEEP_PASSWORD_FILE`);
     }
-    const keys = await openChainKey(this.password, header.chainId, header.encryption, where);
+    const keys = openChainKey(this.password, header.chainId, header.encryption, where);
     this.cache.set(id, keys);
+    // A failure (a wrong password) is not kept: the next image asks again and says so itself.
+    keys.catch(() => this.cache.delete(id));
     return keys;
   }
 }
@@ -104,11 +110,30 @@ export class ImageFile {
   /** The records of index entries from..to-1, which lie back to back in the file. */
   async readRecords(from: number, to: number): Promise<Buffer> {
     if (to <= from) return Buffer.alloc(0);
-    const start = this.index.offsets[from]!;
-    const end = this.index.offsets[to - 1]! + this.index.storedLengths[to - 1]!;
-    const buf = Buffer.allocUnsafe(end - start);
-    await this.file.read(buf, start);
+    const buf = Buffer.allocUnsafe(this.recordsLength(from, to));
+    await this.readRecordsInto(from, to, buf);
     return buf;
+  }
+
+  /** Bytes the records of index entries from..to-1 take (zero entries take none). */
+  recordsLength(from: number, to: number): number {
+    if (to <= from) return 0;
+    return this.index.offsets[to - 1]! + this.index.storedLengths[to - 1]! - this.index.offsets[from]!;
+  }
+
+  /**
+   * Reads the records of index entries from..to-1 straight into `into` (exactly their
+   * length): a collapse places them where they go in its output buffer, with no copy.
+   */
+  async readRecordsInto(from: number, to: number, into: Uint8Array): Promise<void> {
+    const length = this.recordsLength(from, to);
+    if (into.length !== length) throw new RangeError(`${this.name}: records ${from}..${to - 1} take ${length} bytes, not ${into.length}`);
+    if (length === 0) return;
+    const at = this.index.offsets[from]!;
+    // A local file is read with plain preads: a collapse issues thousands, and the
+    // callback form costs the calling thread less than the promise API.
+    if (this.file instanceof LocalFile) await preadFully(this.file.fd, into, at, this.path);
+    else await this.file.read(into, at);
   }
 
   /** The block's bytes, checked against its digest. */
@@ -143,4 +168,19 @@ export class ImageFile {
   async close(): Promise<void> {
     await this.file.close();
   }
+}
+
+/** Fills `into` from `at` with preads (which may return less than asked); a read past the end throws. */
+function preadFully(fd: number, into: Uint8Array, at: number, path: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const step = (done: number) => {
+      read(fd, into, done, into.length - done, at + done, (err, n) => {
+        if (err) reject(err);
+        else if (n === 0) reject(new RangeError(`${path}: read of ${into.length} bytes at ${at} passes the end of the file after ${done} bytes`));
+        else if (done + n < into.length) step(done + n);
+        else resolve();
+      });
+    };
+    step(0);
+  });
 }

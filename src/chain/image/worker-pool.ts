@@ -10,6 +10,11 @@ import { processBatch, type BatchRequest, type BatchResult } from './block-batch
 // Under the test runner the sources run as .ts through a loader that workers inherit.
 const workerUrl = new URL(import.meta.url.endsWith('.ts') ? './block-worker.ts' : './block-worker.js', import.meta.url);
 
+/** A block worker with another role than encoding (see block-worker.ts), e.g. a collapse's read-back. */
+export function startBlockWorker(workerData: { role: string } & Record<string, unknown>): Worker {
+  return new Worker(workerUrl, { workerData });
+}
+
 /** What a backup needs from its encoders: run a batch, close. */
 export interface BatchRunner {
   run(req: BatchRequest): Promise<BatchResult>;
