@@ -7,7 +7,22 @@ import { backup } from '../src/chain/backup.js';
 import { exportRaw } from '../src/chain/export.js';
 import { openPoint } from '../src/chain/open.js';
 import { KeyRing } from '../src/chain/image/reader.js';
+import type { PointInTime } from '../src/chain/point.js';
+import { createHash } from 'node:crypto';
 import { imagekeep, sha256File, tempDir } from './helpers/cli.js';
+
+async function hashPoint(point: PointInTime): Promise<string> {
+  const h = createHash('sha256');
+  const per = Math.floor(8 * 2 ** 20 / point.blockSize);
+  const buf = Buffer.alloc(per * point.blockSize);
+  for (let b = 0; b < point.blockCount; b += per) {
+    const n = Math.min(per, point.blockCount - b);
+    const len = Math.min((b + n) * point.blockSize, point.size) - b * point.blockSize;
+    await point.readBlocks(b, n, buf.subarray(0, len));
+    h.update(buf.subarray(0, len));
+  }
+  return h.digest('hex');
+}
 
 t.test('31 points of a changing 1 GiB disk', async (t) => {
   const { dir, cleanup } = await tempDir('chain');
@@ -24,16 +39,22 @@ t.test('31 points of a changing 1 GiB disk', async (t) => {
     recorded.push({ image: r.path, sha });
   }
   t.equal(new Set(recorded.map((r) => r.sha)).size, 31, 'every point differs from the others');
+  // Every point read whole through the library (exportRaw's own file writing is checked
+  // on two of them and through the command line below).
   for (const [n, { image, sha }] of recorded.entries()) {
     const { point } = await openPoint(image, new KeyRing(null));
-    const out = join(dir, `point-${n}.raw`);
     try {
-      await exportRaw(point, out);
+      if (n % 15 === 0) {
+        const out = join(dir, `point-${n}.raw`);
+        await exportRaw(point, out);
+        t.equal(await sha256File(out), sha, `point ${n} (${image.split('/').pop()}) exports byte-identical to the disk as it was`);
+        await rm(out);
+      } else {
+        t.equal(await hashPoint(point), sha, `point ${n} (${image.split('/').pop()}) reads byte-identical to the disk as it was`);
+      }
     } finally {
       await point.close();
     }
-    t.equal(await sha256File(out), sha, `point ${n} (${image.split('/').pop()}) is byte-identical to the disk as it was`);
-    await rm(out);
   }
   // The command line reads the same as the library.
   const mid = recorded[15]!;

@@ -16,6 +16,12 @@ export interface BlockLocation {
   pos: number;
 }
 
+/** `count` blocks from `block` whose records are entries pos..pos+count-1 of `image`. */
+export interface RecordRun extends BlockLocation {
+  block: number;
+  count: number;
+}
+
 export class PointInTime implements BlockDevice {
   readonly size: number;
   readonly blockSize: number;
@@ -75,19 +81,16 @@ export class PointInTime implements BlockDevice {
   }
 
   /**
-   * Blocks first..first+count-1 into `into` (zeros where nothing is stored). Records that lie
-   * back to back in one image are fetched with one read, which is what makes copying a whole
-   * point fast: a base stores its blocks in block order.
+   * The stored blocks among first..first+count-1 as runs whose records lie back to back in
+   * one image (fetched with one read): a base stores its blocks in block order, so copying a
+   * whole point reads few, long runs. Blocks that read as zero are in no run.
    */
-  async readBlocks(first: number, count: number, into: Uint8Array): Promise<void> {
-    let b = first;
+  *recordRuns(first: number, count: number): Generator<RecordRun> {
     const end = first + count;
-    const reads: Promise<void>[] = [];
+    let b = first;
     while (b < end) {
       const loc = this.locate(b);
-      const at = (b - first) * this.blockSize;
       if (!loc) {
-        into.fill(0, at, at + blockLength(b, this.size, this.blockSize));
         b++;
         continue;
       }
@@ -97,18 +100,25 @@ export class PointInTime implements BlockDevice {
         if (!next || next.image !== loc.image || next.pos !== loc.pos + n) break;
         n++;
       }
-      const from = b;
-      reads.push(loc.image.readRecords(loc.pos, loc.pos + n).then((recs) => {
+      yield { block: b, image: loc.image, pos: loc.pos, count: n };
+      b += n;
+    }
+  }
+
+  /** Blocks first..first+count-1 into `into` (zeros where nothing is stored), decoded on this thread. */
+  async readBlocks(first: number, count: number, into: Uint8Array): Promise<void> {
+    into.fill(0, 0, Math.min((first + count) * this.blockSize, this.size) - first * this.blockSize);
+    const reads: Promise<void>[] = [];
+    for (const run of this.recordRuns(first, count)) {
+      reads.push(run.image.readRecords(run.pos, run.pos + run.count).then((recs) => {
         let o = 0;
-        for (let i = 0; i < n; i++) {
-          const pos = loc.pos + i;
-          const stored = loc.image.index.storedLengths[pos]!;
-          const data = loc.image.decodeRecord(pos, recs.subarray(o, o + stored));
-          into.set(data, (from + i - first) * this.blockSize);
+        for (let i = 0; i < run.count; i++) {
+          const pos = run.pos + i;
+          const stored = run.image.index.storedLengths[pos]!;
+          into.set(run.image.decodeRecord(pos, recs.subarray(o, o + stored)), (run.block + i - first) * this.blockSize);
           o += stored;
         }
       }));
-      b += n;
     }
     await Promise.all(reads);
   }

@@ -70,31 +70,18 @@ export class DecodePool {
     const where: string[] = [];
     const digests: Uint8Array[] = [];
     let recAt = 0;
-    let b = first;
-    const end = first + count;
-    while (b < end) {
-      const loc = point.locate(b);
-      if (!loc) {
-        b++;
-        continue;
-      }
-      let n = 1;
-      while (b + n < end) {
-        const next = point.locate(b + n);
-        if (!next || next.image !== loc.image || next.pos !== loc.pos + n) break;
-        n++;
-      }
-      reads.push(loc.image.readRecords(loc.pos, loc.pos + n));
-      for (let i = 0; i < n; i++) {
-        const pos = loc.pos + i;
-        const stored = loc.image.index.storedLengths[pos]!;
-        items.push(recAt, stored, loc.image.index.flags[pos]! >> 8, b + i, (b + i - first) * point.blockSize);
-        lengths.push(blockLength(b + i, point.size, point.blockSize));
-        digests.push(loc.image.digestAt(pos));
-        where.push(loc.image.name);
+    for (const run of point.recordRuns(first, count)) {
+      reads.push(run.image.readRecords(run.pos, run.pos + run.count));
+      for (let i = 0; i < run.count; i++) {
+        const pos = run.pos + i;
+        const block = run.block + i;
+        const stored = run.image.index.storedLengths[pos]!;
+        items.push(recAt, stored, run.image.index.flags[pos]! >> 8, block, (block - first) * point.blockSize);
+        lengths.push(blockLength(block, point.size, point.blockSize));
+        digests.push(run.image.digestAt(pos));
+        where.push(run.image.name);
         recAt += stored;
       }
-      b += n;
     }
     if (items.length === 0) return Buffer.alloc(outLength);
     const parts = await Promise.all(reads);
