@@ -31,7 +31,7 @@ import {
   qemuToRaw,
   runTool,
 } from './helpers/disk-tools.js';
-import { prng, tempDir } from './helpers/cli.js';
+import { prng, readFileAt, tempDir } from './helpers/cli.js';
 
 const { dir: work, cleanup } = await tempDir('vhd');
 t.teardown(cleanup);
@@ -172,16 +172,6 @@ async function libvhdiCompare(child: string, raw: string, parent: string) {
   return r;
 }
 
-async function readBytes(path: string, at: number, length: number): Promise<Buffer> {
-  const fh = await open(path, 'r');
-  try {
-    const b = Buffer.alloc(length);
-    await fh.read(b, 0, length, at);
-    return b;
-  } finally {
-    await fh.close();
-  }
-}
 
 /** Everything the independent tools and our own check say about a VHD made from `raw`. */
 async function provesIdentical(tt: Test, raw: string, vhd: string, subformat: string): Promise<void> {
@@ -341,7 +331,7 @@ t.test('CHS geometry: the spec algorithm, and what qemu-img create -f vpc writes
     const path = join(work, `chs-${nominal}.vhd`);
     const r = await runTool('qemu-img', ['create', '-q', '-f', 'vpc', path, String(exact)]);
     tt.equal(r.code, 0, r.stderr);
-    const f = decodeFooter(await readBytes(path, 0, 512));
+    const f = decodeFooter(await readFileAt(path, 0, 512));
     tt.equal(f.currentSize, exact, `qemu keeps the CHS-exact size ${exact}`);
     tt.same(f.geometry, chsGeometry(exact), `geometry for ${exact} bytes: ${JSON.stringify(f.geometry)}`);
   }
@@ -351,7 +341,7 @@ t.test('CHS geometry: the spec algorithm, and what qemu-img create -f vpc writes
   const path = join(work, 'chs-ours.vhd');
   const w = await vhdDriver.create!(await LocalFile.open(path, 'w'), noSiblings, { size: 64 * MiB, finalName: 'chs-ours.vhd' });
   await w.close();
-  const f = decodeFooter(await readBytes(path, 0, 512));
+  const f = decodeFooter(await readFileAt(path, 0, 512));
   tt.same(f.geometry, { cylinders: 963, heads: 8, sectorsPerTrack: 17 });
   tt.equal(f.creatorApp, 'win ');
   tt.equal(f.creatorHostOs, 'Wi2k');
@@ -368,7 +358,7 @@ t.test('azure: fixed, a whole number of MiB, footer and geometry; other sizes re
   await w.write(Buffer.alloc(4096, 0x42), 8 * MiB);
   await w.close();
   tt.equal((await stat(path)).size, size + 512, "Azure's upload size: 20 MiB + 512");
-  const tail = await readBytes(path, size, 512);
+  const tail = await readFileAt(path, size, 512);
   tt.equal(tail.toString('latin1', 0, 8), 'conectix');
   const f = decodeFooter(tail);
   tt.equal(f.diskType, 2);
@@ -515,7 +505,7 @@ t.test('differencing: partial MSB-first bitmaps read as libvhdi reads them, pare
   await makeScatteredRaw(parentRaw, size, { seed: 21, count: 30, maxLength: 512 * KiB });
   const parentVhd = join(dir, 'base', 'parent.vhd');
   await writeVhd(parentRaw, parentVhd, 'dynamic');
-  const parentId = decodeFooter(await readBytes(parentVhd, 0, 512)).uniqueId;
+  const parentId = decodeFooter(await readFileAt(parentVhd, 0, 512)).uniqueId;
   const spb = blockSize / 512;
   const run = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i);
   // libvhdi (20210425, and libyal's code to date) reads a VHD bitmap byte as "sector i is the
@@ -616,7 +606,7 @@ t.test('differencing: partial MSB-first bitmaps read as libvhdi reads them, pare
   await mkdir(join(sub, 'base'), { recursive: true });
   await writeFile(join(sub, 'base', 'parent.vhd'), await readFile(parentVhd));
   await writeFile(join(sub, 'child.vhd'), await readFile(child));
-  const childId = decodeFooter(await readBytes(child, 0, 512)).uniqueId;
+  const childId = decodeFooter(await readFileAt(child, 0, 512)).uniqueId;
   const grand = join(dir, 'grand.vhd');
   const grandSectors = await buildDifferencing(grand, {
     size, blockSize, parentId: childId, parentName: 'child.vhd', seed: 24,

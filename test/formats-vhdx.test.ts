@@ -37,7 +37,7 @@ import {
   runTool,
   type ToolResult,
 } from './helpers/disk-tools.js';
-import { prng, sha256File, tempDir } from './helpers/cli.js';
+import { patchFile, prng, readFileAt, sha256File, tempDir } from './helpers/cli.js';
 
 const GiB = 1024 * MiB;
 const { dir, cleanup } = await tempDir('vhdx');
@@ -164,25 +164,7 @@ async function headersOf(path: string): Promise<VhdxHeader[]> {
   });
 }
 
-async function patch(path: string, at: number, bytes: Uint8Array): Promise<void> {
-  const fh = await open(path, 'r+');
-  try {
-    await fh.write(bytes, 0, bytes.length, at);
-  } finally {
-    await fh.close();
-  }
-}
 
-async function readAt(path: string, at: number, length: number): Promise<Buffer> {
-  const fh = await open(path, 'r');
-  try {
-    const b = Buffer.alloc(length);
-    await fh.read(b, 0, length, at);
-    return b;
-  } finally {
-    await fh.close();
-  }
-}
 
 t.test('CRC-32C is Castagnoli, not zlib', async (t) => {
   t.equal(crc32c(Buffer.from('123456789')), 0xe3069283);
@@ -233,7 +215,7 @@ t.test('the chunk interleave: 1 MiB blocks (ratio 4096) with data past 4 GiB', a
   t.equal(report.layout.batEntries, 4160 + 1, 'one sector-bitmap entry between chunk 0 and chunk 1');
   // Payload block 4096 (the first at 4 GiB) sits at BAT index 4097; index 4096 is the empty sector-bitmap slot.
   const batOffset = report.layout.batOffset as number;
-  const bat = await readAt(vhdx, batOffset, 4161 * 8);
+  const bat = await readFileAt(vhdx, batOffset, 4161 * 8);
   t.equal(payloadBatIndex(4096, 4096), 4097);
   t.equal(batState(bat, 4096), 0, 'sector-bitmap slot is empty');
   t.equal(batState(bat, 4097), 6, 'block 4096 is present at index 4097');
@@ -242,7 +224,7 @@ t.test('the chunk interleave: 1 MiB blocks (ratio 4096) with data past 4 GiB', a
   const img = await openImage(vhdx);
   for (const e of disk.extents.filter((x) => x.offset > 4 * GiB - 2 * MiB)) {
     const a = Buffer.alloc(e.length);
-    const b = await readAt(raw, e.offset, e.length);
+    const b = await readFileAt(raw, e.offset, e.length);
     await img.read(a, e.offset);
     if (!a.equals(b)) t.fail(`extent at ${e.offset} differs`);
   }
@@ -264,14 +246,14 @@ t.test('256 MiB blocks (ratio 16): payload block 16 at BAT index 17, checked by 
   const r = await runTool('qemu-io', ['-r', '-f', 'vhdx', ...cmds, vhdx]);
   t.equal(r.code, 0, 'qemu-io ran');
   t.notMatch(r.stdout + r.stderr, /Pattern verification failed|error/i, 'qemu reads each block where we put it');
-  const bat = await readAt(vhdx, (await checkFile(vhdx)).layout.batOffset as number, 19 * 8);
+  const bat = await readFileAt(vhdx, (await checkFile(vhdx)).layout.batOffset as number, 19 * 8);
   t.same([15, 16, 17, 18].map((i) => batState(bat, i)), [6, 0, 6, 6], 'index 16 is the sector-bitmap slot');
   t.same((await checkFile(vhdx)).problems, []);
   // The mistake qemu-img check misses: payload entries written without the interleave.
   const batOffset = (await checkFile(vhdx)).layout.batOffset as number;
   const flat = Buffer.alloc(3 * 8);
   bat.copy(flat, 0, 17 * 8, 19 * 8);
-  await patch(vhdx, batOffset + 16 * 8, flat);
+  await patchFile(vhdx, batOffset + 16 * 8, flat);
   ok(t, await qemuCheck(vhdx, 'vhdx'), 'qemu-img check does not notice a missing interleave');
   t.match((await checkFile(vhdx)).problems.join(' '), /sector-bitmap slot of chunk 0 .* not interleaved/, 'our check does');
   const wrong = await runTool('qemu-io', ['-r', '-f', 'vhdx', ...cmds, vhdx]);
@@ -302,7 +284,7 @@ t.test('a 2 TiB disk holding a few blocks', async (t) => {
   for (const k of ['logOffset', 'logLength', 'batOffset', 'batLength', 'metadataOffset', 'metadataLength', 'fileSize']) {
     t.equal((report.layout[k] as number) % MiB, 0, `${k} is 1 MiB-aligned`);
   }
-  const bat = await readAt(vhdx, report.layout.batOffset as number, (65536 + 511) * 8);
+  const bat = await readFileAt(vhdx, report.layout.batOffset as number, (65536 + 511) * 8);
   for (const b of blocks) {
     const off = batFileOffset(bat, payloadBatIndex(b.block, 128));
     t.equal(off % MiB, 0, `block ${b.block} at a 1 MiB-aligned offset`);
@@ -683,7 +665,7 @@ t.test('bad input gives typed errors', async (t) => {
     await runTool('cp', [good, p]);
     return p;
   };
-  const head = await readAt(good, 0, 64 * 1024);
+  const head = await readFileAt(good, 0, 64 * 1024);
   t.equal(vhdxDriver.probe(head, Buffer.alloc(512)), 100);
   t.equal(vhdxDriver.probe(Buffer.from('conectix'), Buffer.alloc(512)), 0);
 
@@ -714,7 +696,7 @@ t.test('bad input gives typed errors', async (t) => {
   const current = h2.sequenceNumber > h1.sequenceNumber ? 1 : 0;
   for (const slot of [0, 1]) {
     const p = await copy(`h${slot}.vhdx`);
-    await patch(p, HEADER_OFFSETS[slot] + 100, Buffer.from([0xff]));
+    await patchFile(p, HEADER_OFFSETS[slot] + 100, Buffer.from([0xff]));
     const img = await openImage(p);
     await readsLikeRaw(t, img, raw, slot);
     await img.close();
@@ -723,47 +705,47 @@ t.test('bad input gives typed errors', async (t) => {
     t.match(report.problems.join(' '), new RegExp(`header ${slot + 1} .* is invalid`));
   }
   const both = await copy('hboth.vhdx');
-  await patch(both, HEADER_OFFSETS[0] + 100, Buffer.from([0xff]));
-  await patch(both, HEADER_OFFSETS[1] + 100, Buffer.from([0xff]));
+  await patchFile(both, HEADER_OFFSETS[0] + 100, Buffer.from([0xff]));
+  await patchFile(both, HEADER_OFFSETS[1] + 100, Buffer.from([0xff]));
   await t.rejects(openImage(both), CorruptImageError);
   await t.rejects(openImage(both), /no valid VHDX header/);
   t.not((await runTool('qemu-img', ['info', '-f', 'vhdx', both])).code, 0, 'qemu refuses it too');
 
   // Region tables: one bad copy falls back (and check says so); both bad refuse.
   const rt1 = await copy('rt1.vhdx');
-  await patch(rt1, REGION_TABLE_OFFSETS[0] + 1000, Buffer.from([1]));
+  await patchFile(rt1, REGION_TABLE_OFFSETS[0] + 1000, Buffer.from([1]));
   const img = await openImage(rt1);
   await readsLikeRaw(t, img, raw, 3);
   await img.close();
   t.match((await checkFile(rt1)).problems.join(' '), /region table 1 .* is invalid/);
   const rtb = await copy('rtb.vhdx');
-  await patch(rtb, REGION_TABLE_OFFSETS[0] + 1000, Buffer.from([1]));
-  await patch(rtb, REGION_TABLE_OFFSETS[1] + 1000, Buffer.from([1]));
+  await patchFile(rtb, REGION_TABLE_OFFSETS[0] + 1000, Buffer.from([1]));
+  await patchFile(rtb, REGION_TABLE_OFFSETS[1] + 1000, Buffer.from([1]));
   await t.rejects(openImage(rtb), /no valid VHDX region table/);
   const fx = join(dir, 'fx-rt.vhdx');
   ok(t, await fixture(fx, raw, '--bad-crc', 'rt'), 'fixture with a bad region table');
   await t.rejects(openImage(fx), CorruptImageError);
   // An unknown region marked required.
   const req = await copy('req.vhdx');
-  const table = await readAt(req, REGION_TABLE_OFFSETS[0], REGION_TABLE_SIZE);
+  const table = await readFileAt(req, REGION_TABLE_OFFSETS[0], REGION_TABLE_SIZE);
   table.writeUInt32LE(3, 8);
   guidFromString('01234567-89AB-CDEF-0123-456789ABCDEF').forEach((b, i) => (table[16 + 64 + i] = b));
   table.writeUInt32LE(8 * MiB, 16 + 64 + 16);
   table.writeUInt32LE(MiB, 16 + 64 + 24);
   table.writeUInt32LE(1, 16 + 64 + 28);
   table.writeUInt32LE(crc32c(table, 4), 4);
-  await patch(req, REGION_TABLE_OFFSETS[0], table);
-  await patch(req, REGION_TABLE_OFFSETS[1], table);
+  await patchFile(req, REGION_TABLE_OFFSETS[0], table);
+  await patchFile(req, REGION_TABLE_OFFSETS[1], table);
   await t.rejects(openImage(req), UnsupportedVersionError);
 
   // BAT entries our check must catch: two blocks sharing space, one past the end, reserved bits.
   const ov = await copy('ov.vhdx');
   const batAt = (await checkFile(ov)).layout.batOffset as number;
-  const entries = await readAt(ov, batAt, 16 * 8);
+  const entries = await readFileAt(ov, batAt, 16 * 8);
   entries.copy(entries, 8, 0, 8); // block 1 at block 0's offset
   entries.writeUInt32LE(entries.readUInt32LE(2 * 8) + 8, 2 * 8); // reserved bit 3 on block 2
   entries.writeUInt32LE(4095 * MiB + 6, 3 * 8); // block 3 at 4095 MiB, past the end
-  await patch(ov, batAt, entries);
+  await patchFile(ov, batAt, entries);
   const problems = (await checkFile(ov)).problems.join('\n');
   t.match(problems, /two payload blocks overlap/);
   t.match(problems, /BAT entry 2 has reserved bits/);

@@ -2,7 +2,7 @@
 import t from 'tap';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
-import { open, truncate } from 'node:fs/promises';
+import { truncate } from 'node:fs/promises';
 import { RawDevice } from '../src/formats/raw.js';
 import {
   CorruptPartitionTableError,
@@ -13,6 +13,7 @@ import {
 } from '../src/formats/disk/partitions.js';
 import { findFreeRanges } from '../src/formats/fs/allocation.js';
 import { MemoryDevice, must, run, tempDir } from './helpers/alloc-tools.js';
+import { patchFile, readFileAt } from './helpers/cli.js';
 
 const { dir: work, cleanup } = await tempDir('parts');
 t.teardown(cleanup);
@@ -50,34 +51,16 @@ function expected(image: string, parts: SfdiskPart[], gpt: boolean) {
   }));
 }
 
-async function patchBytes(image: string, at: number, bytes: Uint8Array): Promise<void> {
-  const fh = await open(image, 'r+');
-  try {
-    await fh.write(bytes, 0, bytes.length, at);
-  } finally {
-    await fh.close();
-  }
-}
 
-async function readBytes(image: string, at: number, length: number): Promise<Buffer> {
-  const fh = await open(image, 'r');
-  try {
-    const b = Buffer.alloc(length);
-    await fh.read(b, 0, length, at);
-    return b;
-  } finally {
-    await fh.close();
-  }
-}
 
 /** Rewrites the GPT header at `lba` with `entryCount`, recomputing its CRC32 the way the spec says. */
 async function lieAboutEntryCount(image: string, lba: number, entryCount: number): Promise<void> {
-  const h = await readBytes(image, lba * 512, 512);
+  const h = await readFileAt(image, lba * 512, 512);
   const size = h.readUInt32LE(12);
   h.writeUInt32LE(entryCount, 80);
   h.writeUInt32LE(0, 16);
   h.writeUInt32LE(crc32(h.subarray(0, size)), 16);
-  await patchBytes(image, lba * 512, h);
+  await patchFile(image, lba * 512, h);
 }
 
 let gptTemplate: string | undefined;
@@ -133,7 +116,7 @@ t.test('MBR with extended and logicals from sfdisk equals sfdisk --json', async 
 t.test('a bad primary GPT falls back to the backup, as sfdisk does', async (tt) => {
   const image = await makeGpt('gpt-backup.img');
   const good = await table(image);
-  await patchBytes(image, 512 + 40, Buffer.from([0xde, 0xad])); // inside the header: CRC no longer matches
+  await patchFile(image, 512 + 40, Buffer.from([0xde, 0xad])); // inside the header: CRC no longer matches
   const ours = await table(image);
   tt.same(ours.partitions, good.partitions, 'same partitions from the backup');
   tt.match(ours.notes.join(' '), /primary GPT unusable \(GPT header at LBA 1: header CRC32 is 0x[0-9a-f]+, the bytes give 0x[0-9a-f]+\); used the backup at LBA 204799/);
@@ -187,7 +170,7 @@ t.test('an extended chain that loops', async (tt) => {
   link[4] = 0x05;
   link.writeUInt32LE(0, 8);
   link.writeUInt32LE(2048, 12);
-  await patchBytes(image, ebrs[2] + 446 + 16, link);
+  await patchFile(image, ebrs[2] + 446 + 16, link);
   const started = Date.now();
   await tt.rejects(table(image), { name: 'CorruptPartitionTableError', message: /EBR chain loops back to sector 83968 after 3 links/ });
   tt.ok(Date.now() - started < 1000, 'answered quickly');
@@ -195,7 +178,7 @@ t.test('an extended chain that loops', async (tt) => {
   // A first EBR that links to itself.
   const self = await makeMbr('selfloop.img');
   const first = (await table(self)).structures.find((s) => s.what.startsWith('EBR'));
-  await patchBytes(self, (first?.offset ?? 0) + 446 + 16, link);
+  await patchFile(self, (first?.offset ?? 0) + 446 + 16, link);
   await tt.rejects(table(self), CorruptPartitionTableError);
 
   const dev = await RawDevice.openPath(image);
@@ -209,7 +192,7 @@ t.test('an extended chain that loops', async (tt) => {
 t.test('an EBR without its signature ends the chain', async (tt) => {
   const image = await makeMbr('ebr-nosig.img');
   const ebrs = (await table(image)).structures.filter((s) => s.what.startsWith('EBR')).map((s) => s.offset);
-  await patchBytes(image, ebrs[1] + 510, Buffer.from([0, 0]));
+  await patchFile(image, ebrs[1] + 510, Buffer.from([0, 0]));
   const ours = await table(image);
   tt.same(ours.partitions.map((p) => p.number), [1, 2, 3, 5]);
   tt.match(ours.notes.join(' '), /no 0x55AA signature in the EBR at sector 106496; chain ends there/);
@@ -220,7 +203,7 @@ t.test('garbage in slot 4 of an EBR is ignored, as by Linux and sfdisk', async (
   const before = await sfdiskJson(image);
   const ebrs = (await table(image)).structures.filter((s) => s.what.startsWith('EBR')).map((s) => s.offset);
   const junk = Buffer.from([0x00, 1, 2, 3, 0x83, 4, 5, 6, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x20, 0x00]); // 2 Mi sectors at +1 Mi
-  await patchBytes(image, ebrs[0] + 446 + 48, junk);
+  await patchFile(image, ebrs[0] + 446 + 48, junk);
   const ours = await table(image);
   tt.same(ours.partitions.map((p) => p.number), [1, 2, 3, 5, 6, 7], 'numbering unchanged');
   tt.same(
@@ -279,7 +262,7 @@ t.test('pure parsers: what is and is not a partition table', async (tt) => {
 
   tt.throws(() => parseGptHeader(new Uint8Array(512), 1), { message: /expected signature "EFI PART", found/ });
   const image = await makeGpt('parse.img');
-  const header = await readBytes(image, 512, 512);
+  const header = await readFileAt(image, 512, 512);
   tt.match(parseGptHeader(header, 1), { myLba: 1, alternateLba: 204799, firstUsableLba: 34, entriesLba: 2, entryCount: 128, entrySize: 128 });
   tt.throws(() => parseGptHeader(header, 204799), { message: /it says it is at LBA 1/ }, 'a header read at the wrong place');
   const sgdisk = await run('sgdisk', ['-v', image]);

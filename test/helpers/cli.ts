@@ -2,7 +2,7 @@
 import { spawn } from 'node:child_process';
 import { createCipheriv, createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -44,4 +44,26 @@ export function prng(seed: number): (n: number) => Buffer {
   const key = createHash('sha256').update(`imagekeep test seed ${seed}`).digest().subarray(0, 16);
   const stream = createCipheriv('aes-128-ctr', key, Buffer.alloc(16));
   return (n: number) => stream.update(Buffer.alloc(n));
+}
+
+/** Overwrites `bytes` at `at` of a file in place (a test's way to damage an image). */
+export async function patchFile(path: string, at: number, bytes: Uint8Array): Promise<void> {
+  const fh = await open(path, 'r+');
+  try {
+    await fh.write(bytes, 0, bytes.length, at);
+  } finally {
+    await fh.close();
+  }
+}
+
+/** `length` bytes of a file from `at`. */
+export async function readFileAt(path: string, at: number, length: number): Promise<Buffer> {
+  const fh = await open(path, 'r');
+  try {
+    const b = Buffer.alloc(length);
+    await fh.read(b, 0, length, at);
+    return b;
+  } finally {
+    await fh.close();
+  }
 }
