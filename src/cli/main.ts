@@ -14,6 +14,7 @@ import { readSidecar } from '../chain/sidecar.js';
 import { verify } from '../chain/verify-folder.js';
 import { addProcessCommand } from './process-command.js';
 import { addMountCommands } from './mount-command.js';
+import { addHeadstartCommands } from './headstart-command.js';
 import { folderTimeZone } from '../chain/config.js';
 import { parseLocalTime } from '../chain/policy/calendar.js';
 import { UsageError } from '../formats/errors.js';
@@ -142,6 +143,7 @@ program.command('verify')
 
 addProcessCommand(program);
 addMountCommands(program, interrupt);
+addHeadstartCommands(program, interrupt);
 
 async function pointFor(image: string, passwordFile: string | undefined) {
   const keyring = new KeyRing(await readPassword(passwordFile));

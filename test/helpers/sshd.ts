@@ -27,6 +27,8 @@ export interface Sshd {
   /** The temp folder holding keys, config and log; tests may keep their files under it. */
   dir: string;
   logPath: string;
+  /** With `sftpLog`: the sftp-server request log (see parseSftpWrites). */
+  sftpLogPath: string;
   /** The listening sshd's pid. */
   pid: number;
   /** The options SshConnection.connect needs to log in. */
@@ -47,19 +49,40 @@ export async function sshKeygen(path: string, type: 'ed25519' | 'ecdsa' | 'rsa' 
 export interface SshdOptions {
   /** Host keys to offer besides ed25519 (a host with several keys, as real hosts have). */
   extraHostKeyTypes?: ('ecdsa' | 'rsa')[];
+  /**
+   * Serve SFTP with OpenSSH's sftp-server logging every request (`-l DEBUG1`) to
+   * `sftpLogPath`: what the server was asked to write, counted outside our code.
+   */
+  sftpLog?: boolean;
+}
+
+/** One SFTP write as the server logged it. */
+export interface SftpWrite {
+  path: string;
+  offset: number;
+  length: number;
+}
+
+/** The writes in an sftp-server DEBUG1 log, in the order the server did them. */
+export function parseSftpWrites(log: string): SftpWrite[] {
+  const writes: SftpWrite[] = [];
+  for (const m of log.matchAll(/request \d+: write "(.*)" \(handle \d+\) off (\d+) len (\d+)/g)) {
+    writes.push({ path: m[1]!, offset: Number(m[2]), length: Number(m[3]) });
+  }
+  return writes;
 }
 
 export async function startSshd(options: SshdOptions = {}): Promise<Sshd> {
   const dir = await mkdtemp(join(tmpdir(), 'imagekeep-sshd-'));
   try {
-    return await startIn(dir, options.extraHostKeyTypes ?? []);
+    return await startIn(dir, options.extraHostKeyTypes ?? [], !!options.sftpLog);
   } catch (e) {
     await rm(dir, { recursive: true, force: true });
     throw e;
   }
 }
 
-async function startIn(dir: string, extraTypes: ('ecdsa' | 'rsa')[]): Promise<Sshd> {
+async function startIn(dir: string, extraTypes: ('ecdsa' | 'rsa')[], sftpLog: boolean): Promise<Sshd> {
   const types = ['ed25519' as const, ...extraTypes];
   const userKey = join(dir, 'user_ed25519');
   await Promise.all([...types.map((type) => sshKeygen(join(dir, `host_${type}`), type)), sshKeygen(userKey)]);
@@ -74,6 +97,12 @@ async function startIn(dir: string, extraTypes: ('ecdsa' | 'rsa')[]): Promise<Ss
   const config = join(dir, 'sshd_config');
   const logPath = join(dir, 'sshd.log');
   const pidFile = join(dir, 'sshd.pid');
+  const sftpLogPath = join(dir, 'sftp.log');
+  let subsystem = 'internal-sftp';
+  if (sftpLog) {
+    subsystem = join(dir, 'sftp-logged');
+    await writeFile(subsystem, `#!/bin/sh\nexec /usr/lib/openssh/sftp-server -e -l DEBUG1 2>>${sftpLogPath}\n`, { mode: 0o755 });
+  }
 
   // The port is free when we look; another process may take it before sshd binds, so retry.
   for (let attempt = 1; ; attempt++) {
@@ -89,7 +118,7 @@ async function startIn(dir: string, extraTypes: ('ecdsa' | 'rsa')[]): Promise<Ss
       'StrictModes no',
       `PidFile ${pidFile}`,
       'UsePAM no',
-      'Subsystem sftp internal-sftp',
+      `Subsystem sftp ${subsystem}`,
       '',
     ].join('\n'));
     await rm(pidFile, { force: true });
@@ -123,6 +152,7 @@ async function startIn(dir: string, extraTypes: ('ecdsa' | 'rsa')[]): Promise<Ss
       hostKeys,
       dir,
       logPath,
+      sftpLogPath,
       pid,
       connectOptions: () => ({ host: '127.0.0.1', port, username, privateKey: userKey, knownHostsPath }),
       kill: () => killTree(pid, 'SIGKILL'),
