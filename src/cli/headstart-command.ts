@@ -9,13 +9,13 @@ import { Command, Option } from 'commander';
 import { KeyRing } from '../chain/image/reader.js';
 import { folderTimeZone } from '../chain/config.js';
 import { parseLocalTime } from '../chain/policy/calendar.js';
-import { UsageError } from '../formats/errors.js';
+import { RefusedError, UsageError } from '../formats/errors.js';
 import { formats } from '../formats/drivers.js';
 import { connectTarget } from '../headstart/connect.js';
 import { DISK_FORMATS, HYPERVISORS, defaultDiskName, loadJob, parseLag, saveJob, validateJob, type Job } from '../headstart/job.js';
 import { currentChain } from '../headstart/source-points.js';
-import { loadStandbyState, runPass, type RunReport, type StandbyContext } from '../headstart/standby.js';
-import { failover, verifyBoot, checkJobDisk } from '../headstart/vm-actions.js';
+import { loadStandbyState, type RunReport, type StandbyContext } from '../headstart/standby.js';
+import { checkJobDisk, failover, runJob, verifyBoot } from '../headstart/vm-actions.js';
 import { humanBytes, progressBar, readPassword } from './output.js';
 
 function line(text: string): void {
@@ -114,7 +114,7 @@ export function addHeadstartCommands(program: Command, interrupt: AbortControlle
         const ctx = await context(job, o, interrupt.signal);
         let report: RunReport;
         try {
-          report = await runPass(ctx);
+          report = await runJob(ctx);
         } finally {
           await ctx.close();
         }
@@ -178,6 +178,7 @@ export function addHeadstartCommands(program: Command, interrupt: AbortControlle
         const r = await verifyBoot(ctx, { marker: o.marker, timeoutMs: Number(o.timeout) * 1000 });
         if (o.json) line(JSON.stringify(r, null, 2));
         else line(r.summary);
+        if (!r.ok) throw new RefusedError('BOOT_FAILED', `the test boot of point ${r.point} failed: ${r.detail}`);
       } finally {
         await ctx.close();
       }

@@ -90,7 +90,6 @@ export class LocalHost implements Host {
     const file = await this.open(tmp, 'w');
     try {
       const bytes = typeof data === 'string' ? Buffer.from(data) : data;
-      await file.truncate(0);
       if (bytes.length > 0) await file.write(bytes, 0);
       await file.flush();
     } finally {

@@ -150,8 +150,8 @@ async function seed(ctx: StandbyContext, chain: SourceChain, old: StandbyState |
   const base = basePoint(chain);
   const started = Date.now();
   let progress: SeedProgress | null = old?.seeding && old.seeding.chainId === chain.chainId ? old.seeding : null;
-  // Until the seed commits, the state keeps describing the old disk (still usable).
-  const keep: StandbyState = old && !(old.seeding && old.applied === null && old.seeding.chainId !== chain.chainId) ? old : {
+  // Until the seed commits, the state keeps describing the old disk, which stays usable.
+  const keep: StandbyState = old?.applied ? old : {
     version: 1, disk: job.disk, format: job.format, subformat: job.subformat ?? '', chainId: chain.chainId, volume: chain.volume, base: chain.base,
     applied: null, applying: null, seeding: null, failedOver: null, updatedAt: 0,
   };
@@ -159,9 +159,6 @@ async function seed(ctx: StandbyContext, chain: SourceChain, old: StandbyState |
     progress = p;
     await saveStandbyState(host, dir, { ...keep, seeding: p });
   };
-  if (!progress) {
-    await save({ chainId: chain.chainId, volume: chain.volume, base: chain.base, basePoint: stripPath(base), nextBlock: 0, files: [], complete: false });
-  }
 
   // Files are written under temporary names; the format names them by their final names.
   const opened: string[] = [];
@@ -173,18 +170,21 @@ async function seed(ctx: StandbyContext, chain: SourceChain, old: StandbyState |
 
   let written: CopyStats = { blocks: 0, bytes: 0 };
   let checked: ReadBackStats | null = null;
-  if (!progress!.complete) {
+  if (!progress?.complete) {
     const point = await PointInTime.open(base.path.map((f) => f.path), ctx.keyring);
     let writer: DiskWriter | null = null;
     try {
-      const p0 = progress!;
-      if (p0.nextBlock === 0) {
+      let p0: SeedProgress;
+      if (!progress || progress.nextBlock === 0) {
+        // A file left by a seed killed before its first record is simply written over.
         ctx.log?.(`seeding ${host.label}:${posix.join(dir, job.disk)} from ${base.path[0]!.name}`);
         writer = await driver.create!(await seedOpener(job.disk, 'w'), seedOpener, {
           size: point.size, finalName: job.disk, subformat: job.subformat, time: Math.floor(base.time / 1000),
         });
-        await save({ ...p0, files: [...opened] });
+        p0 = { chainId: chain.chainId, volume: chain.volume, base: chain.base, basePoint: stripPath(base), nextBlock: 0, files: [...opened], complete: false };
+        await save(p0);
       } else {
+        p0 = progress;
         ctx.log?.(`resuming the seed of ${host.label}:${posix.join(dir, job.disk)} at block ${p0.nextBlock} of ${point.blockCount}`);
         opened.push(...p0.files.filter((f) => !opened.includes(f)));
         writer = await driver.openWritable!(await seedOpener(job.disk, 'r+'), seedOpener);

@@ -54,6 +54,12 @@ export interface SshdOptions {
    * `sftpLogPath`: what the server was asked to write, counted outside our code.
    */
   sftpLog?: boolean;
+  /**
+   * Environment of every session (sshd_config SetEnv, applied after sshd's own HOME and PATH),
+   * e.g. a PATH with a folder of stand-in commands first. The login shell still reads
+   * $HOME/.bashrc, which may put folders in front; a HOME in the test's folder avoids that.
+   */
+  setEnv?: Record<string, string>;
 }
 
 /** One SFTP write as the server logged it. */
@@ -75,14 +81,20 @@ export function parseSftpWrites(log: string): SftpWrite[] {
 export async function startSshd(options: SshdOptions = {}): Promise<Sshd> {
   const dir = await mkdtemp(join(tmpdir(), 'imagekeep-sshd-'));
   try {
-    return await startIn(dir, options.extraHostKeyTypes ?? [], !!options.sftpLog);
+    return await startIn(dir, options.extraHostKeyTypes ?? [], !!options.sftpLog, options.setEnv ?? {});
   } catch (e) {
     await rm(dir, { recursive: true, force: true });
     throw e;
   }
 }
 
-async function startIn(dir: string, extraTypes: ('ecdsa' | 'rsa')[], sftpLog: boolean): Promise<Sshd> {
+async function startIn(dir: string, extraTypes: ('ecdsa' | 'rsa')[], sftpLog: boolean, setEnv: Record<string, string>): Promise<Sshd> {
+  // One SetEnv line: sshd takes the first line of most keywords and ignores the rest.
+  const envPairs = Object.entries(setEnv).map(([k, v]) => {
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(k) || /["\n\\]/.test(v)) throw new Error(`setEnv ${k}: names are identifiers and values hold no quote, backslash or newline`);
+    return `"${k}=${v}"`;
+  });
+  const envLines = envPairs.length > 0 ? [`SetEnv ${envPairs.join(' ')}`] : [];
   const types = ['ed25519' as const, ...extraTypes];
   const userKey = join(dir, 'user_ed25519');
   await Promise.all([...types.map((type) => sshKeygen(join(dir, `host_${type}`), type)), sshKeygen(userKey)]);
@@ -119,6 +131,7 @@ async function startIn(dir: string, extraTypes: ('ecdsa' | 'rsa')[], sftpLog: bo
       `PidFile ${pidFile}`,
       'UsePAM no',
       `Subsystem sftp ${subsystem}`,
+      ...envLines,
       '',
     ].join('\n'));
     await rm(pidFile, { force: true });
