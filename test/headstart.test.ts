@@ -5,6 +5,8 @@ import { readFile, truncate, writeFile, stat, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import t from 'tap';
 import { formats } from '../src/formats/drivers.js';
+import { defaultPolicySettings } from '../src/chain/policy/settings.js';
+import { processFolder } from '../src/chain/process.js';
 import { KeyRing } from '../src/chain/image/reader.js';
 import { SshHost, LocalHost, type Host } from '../src/headstart/host.js';
 import { validateJob, type Job } from '../src/headstart/job.js';
@@ -141,6 +143,26 @@ t.test('lag: at least N hours behind, and newest', async (t) => {
   t.equal(r.applied?.point, 0, 'with 3h lag only the new base is old enough');
   const later = await pass(j, new LocalHost(), dir, { now: newest + 4 * 3600_000 });
   t.equal(later.applied?.point, 1, 'four hours later the newest point is allowed');
+});
+
+t.test('lag: daily applies only points that end a daily file', async (t) => {
+  const dir = join(tmp.dir, 'daily');
+  await mkdir(dir);
+  // Monday 2026-11-02 20:00 UTC (the base) to Tuesday 03:00: points 1..3 on Monday, 4..7 on Tuesday.
+  const d = await startChain({ dir, size: 4 * 1024 * 1024, initialBlocks: 10, blocksPerPoint: 3, seed: 21, start: Date.UTC(2026, 10, 2, 20) });
+  for (let p = 1; p <= 7; p++) await nextPoint(d);
+  // Tuesday noon: Monday is collapsed into a -cd file ending at point 3; Tuesday is today.
+  const report = await processFolder(d.folder, defaultPolicySettings('UTC'), { now: Date.UTC(2026, 10, 3, 12), keyring: new KeyRing(null) });
+  t.ok(report.ok);
+  const target = join(dir, 'standby');
+  await mkdir(target);
+  const daily = job(d, { target, disk: 'd.vhdx', format: 'vhdx', lag: 'daily' });
+  const r = await pass(daily, new LocalHost(), target, { now: Date.UTC(2026, 10, 3, 12) });
+  t.equal(r.applied?.point, 3, 'daily: the end of Monday\'s -cd file, not the newest point');
+  const copy = await keepCopy(d, 7);
+  const newest = await pass({ ...daily, lag: 'newest' }, new LocalHost(), target, { now: Date.UTC(2026, 10, 3, 12) });
+  t.equal(newest.applied?.point, 7, 'newest: the newest point');
+  t.equal((await qemuCompare(copy, join(target, 'd.vhdx'), 'vhdx')).code, 0);
 });
 
 t.test('unknown and changed host keys are refused', async (t) => {
