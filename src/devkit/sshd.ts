@@ -174,7 +174,7 @@ async function startIn(dir: string, extraTypes: ('ecdsa' | 'rsa')[], sftpLog: bo
         process.removeListener('exit', onExit);
         killTree(pid, 'SIGTERM');
         killTree(pid, 'SIGCONT'); // a frozen server handles the SIGTERM only once it runs
-        for (let i = 0; i < 50 && alive(pid); i++) await sleep(100);
+        for (let i = 0; i < 50 && processAlive(pid); i++) await sleep(100);
         killTree(pid, 'SIGKILL');
         await rm(dir, { recursive: true, force: true });
       },
@@ -256,7 +256,8 @@ function killTree(pid: number, signal: NodeJS.Signals): void {
 }
 
 /** Running, not a zombie (PID 1 here may not reap what it inherits). */
-function alive(pid: number): boolean {
+export function processAlive(pid: number): boolean {
+  if (!(pid > 0)) return false;
   try {
     return !/\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
   } catch {

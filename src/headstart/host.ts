@@ -86,16 +86,7 @@ export class LocalHost implements Host {
   }
 
   async writeFileAtomic(path: string, data: string | Uint8Array): Promise<void> {
-    const tmp = `${path}.tmp`;
-    const file = await this.open(tmp, 'w');
-    try {
-      const bytes = typeof data === 'string' ? Buffer.from(data) : data;
-      if (bytes.length > 0) await file.write(bytes, 0);
-      await file.flush();
-    } finally {
-      await file.close();
-    }
-    await this.rename(tmp, path);
+    await writeThroughTemp(this, path, data);
     await syncDir(dirname(path));
   }
 
@@ -182,17 +173,9 @@ export class SshHost implements Host {
     }
   }
 
+  /** SFTP cannot fsync a folder: the rename is durable at the host's next journal commit. */
   async writeFileAtomic(path: string, data: string | Uint8Array): Promise<void> {
-    const tmp = `${path}.tmp`;
-    const file = await this.open(tmp, 'w');
-    try {
-      const bytes = typeof data === 'string' ? Buffer.from(data) : data;
-      if (bytes.length > 0) await file.write(bytes, 0);
-      await file.flush();
-    } finally {
-      await file.close();
-    }
-    await this.rename(tmp, path);
+    await writeThroughTemp(this, path, data);
   }
 
   async rename(from: string, to: string): Promise<void> {
@@ -217,6 +200,20 @@ export class SshHost implements Host {
   async close(): Promise<void> {
     await this.conn.close();
   }
+}
+
+/** Writes `path.tmp` completely, flushes it, renames it over `path`. */
+async function writeThroughTemp(host: Host, path: string, data: string | Uint8Array): Promise<void> {
+  const tmp = `${path}.tmp`;
+  const file = await host.open(tmp, 'w');
+  try {
+    const bytes = typeof data === 'string' ? Buffer.from(data) : data;
+    if (bytes.length > 0) await file.write(bytes, 0);
+    await file.flush();
+  } finally {
+    await file.close();
+  }
+  await host.rename(tmp, path);
 }
 
 /** Runs a command and throws one line naming the host and the command's complaint when it fails. */

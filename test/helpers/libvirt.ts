@@ -11,6 +11,7 @@
 // One fix-up on the way: udev (absent here) would give /dev/kvm to group kvm. Left root-only,
 // libvirt probes QEMU as root with KVM, then finds KVM unusable by libvirt-qemu, declares its
 // capability cache stale and re-probes every QEMU binary on every domain start (about 70 s).
+import { processAlive } from '../../src/devkit/sshd.js';
 import { execFile, spawn } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { chmod, chown, mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
@@ -53,8 +54,8 @@ export async function startLibvirt(): Promise<Libvirt> {
       await withLock(async () => {
         await rm(`${USERS_DIR}/${process.pid}`, { force: true });
         const users = await readdir(USERS_DIR);
-        for (const p of users.filter((u) => !alive(Number(u)))) await rm(`${USERS_DIR}/${p}`, { force: true });
-        const others = users.filter((u) => alive(Number(u)));
+        for (const p of users.filter((u) => !processAlive(Number(u)))) await rm(`${USERS_DIR}/${p}`, { force: true });
+        const others = users.filter((u) => processAlive(Number(u)));
         if (others.length > 0) return;
         // libvirtd first: it talks to virtlogd while it shuts down.
         for (const daemon of [...DAEMONS].reverse()) await stopStarted(daemon);
@@ -112,10 +113,10 @@ async function waitUntilAnswering(): Promise<void> {
 async function stopStarted(daemon: string): Promise<void> {
   const pidFile = `${STATE_DIR}/${daemon}.pid`;
   const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
-  if (pid > 0 && alive(pid) && comm(pid) === daemon) {
+  if (pid > 0 && processAlive(pid) && comm(pid) === daemon) {
     process.kill(pid, 'SIGTERM');
-    for (let i = 0; i < 50 && alive(pid); i++) await sleep(100);
-    if (alive(pid)) process.kill(pid, 'SIGKILL');
+    for (let i = 0; i < 50 && processAlive(pid); i++) await sleep(100);
+    if (processAlive(pid)) process.kill(pid, 'SIGKILL');
   }
   await rm(pidFile, { force: true });
 }
@@ -143,7 +144,7 @@ async function withLock<T>(body: () => Promise<T>): Promise<T> {
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
       const owner = Number((await readFile(`${LOCK_DIR}/pid`, 'utf8').catch(() => '')).trim());
-      if (owner > 0 && !alive(owner)) await rm(LOCK_DIR, { recursive: true, force: true });
+      if (owner > 0 && !processAlive(owner)) await rm(LOCK_DIR, { recursive: true, force: true });
       else if (Date.now() > deadline) throw new Error(`${LOCK_DIR} is held by pid ${owner || '?'} for over a minute`);
       else await sleep(100);
     }
@@ -156,7 +157,7 @@ async function withLock<T>(body: () => Promise<T>): Promise<T> {
 }
 
 function runningPids(name: string): number[] {
-  return readdirSync('/proc').filter((p) => /^[0-9]+$/.test(p)).map(Number).filter((pid) => comm(pid) === name && alive(pid));
+  return readdirSync('/proc').filter((p) => /^[0-9]+$/.test(p)).map(Number).filter((pid) => comm(pid) === name && processAlive(pid));
 }
 
 function comm(pid: number): string {
@@ -164,16 +165,6 @@ function comm(pid: number): string {
     return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
   } catch {
     return '';
-  }
-}
-
-/** Running, not a zombie (PID 1 here may not reap what it inherits). */
-function alive(pid: number): boolean {
-  if (!(pid > 0)) return false;
-  try {
-    return !/\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
-  } catch {
-    return false;
   }
 }
 
