@@ -212,11 +212,36 @@ export class SftpFile implements RandomAccessFile {
     }
   }
 
+  /**
+   * When no queued write ends past `size`, the truncate is sent at once and answered later,
+   * like a write: the server handles requests in the order they arrive, so every later read
+   * or write sees the new size, and no queued write can land past it. A disk growing block
+   * by block (VHDX, VHD, qcow2 extend their file per new block) then keeps its pipeline full
+   * instead of draining it at each block. Otherwise it waits for the queued writes first.
+   */
   async truncate(size: number): Promise<void> {
     this.checkRange(0, size, 'truncate');
-    await this.drain();
-    await this.conn.call<void>(`truncate ${this.path} to ${size}`, (done) =>
-      this.conn.sftp.fsetstat(this.handle, { size }, (err) => done(err, undefined)));
+    this.check();
+    let behind = true;
+    for (const o of this.ops) if (o.kind === 'write' && o.end > size) behind = false;
+    if (!behind) {
+      await this.drain();
+      await this.conn.call<void>(`truncate ${this.path} to ${size}`, (done) =>
+        this.conn.sftp.fsetstat(this.handle, { size }, (err) => done(err, undefined)));
+      return;
+    }
+    // Everything from the new end on is this operation's until the server answers.
+    const op: Op = { seq: this.seq++, kind: 'write', offset: size, end: Number.MAX_SAFE_INTEGER };
+    this.ops.add(op);
+    this.conn
+      .call<void>(`truncate ${this.path} to ${size}`, (done) => this.conn.sftp.fsetstat(this.handle, { size }, (err) => done(err, undefined)))
+      .catch((e: SshError) => {
+        this.failure ??= e;
+      })
+      .finally(() => {
+        this.ops.delete(op);
+        this.wake();
+      });
   }
 
   /** Waits for every queued write, then fsync@openssh.com (skipped, with one warning, if the server lacks it). */
