@@ -1,70 +1,13 @@
 // Proves mount through real FUSE (+ ntfs-3g, fuse2fs): a middle point's files and disk.raw match what was captured, GPT and MBR-logical partitions are right, two mounts serve eight concurrent readers, umount (also after SIGKILL) leaves nothing, test-restore passes and fails by volume, corruption fails before mounting or reads as EIO.
 import t, { type Test } from 'tap';
 import { spawn } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { copyFile, mkdir, open, readFile, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { makeDisk, type Manifest } from '../src/devkit/index.js';
 import { backup } from '../src/chain/backup.js';
 import { ImageFile, KeyRing } from '../src/chain/image/reader.js';
-import { BIN, ROOT, sha256File, tempDir, type RunResult } from './helpers/cli.js';
-
-const MiB = 2 ** 20;
-
-/** imagekeep with the mount commands: bin/imagekeep.js once main.ts wires them, a stand-in until then. */
-async function commandLine(dir: string): Promise<string> {
-  const main = await readFile(join(ROOT, 'dist/cli/main.js'), 'utf8');
-  if (main.includes('addMountCommands')) return BIN;
-  const harness = join(dir, 'imagekeep-mount.mjs');
-  await writeFile(harness, `
-const { Command } = await import(${JSON.stringify(join(ROOT, 'node_modules/commander/esm.mjs'))});
-const { addMountCommands } = await import(${JSON.stringify(join(ROOT, 'dist/cli/mount-command.js'))});
-const { describeError } = await import(${JSON.stringify(join(ROOT, 'dist/cli/errors.js'))});
-const interrupt = new AbortController();
-for (const sig of ['SIGINT', 'SIGTERM']) process.once(sig, () => interrupt.abort());
-const program = new Command('imagekeep').exitOverride();
-addMountCommands(program, interrupt);
-try { await program.parseAsync(process.argv); } catch (e) {
-  if (typeof e.code === 'string' && e.code.startsWith('commander.')) process.exitCode = 2;
-  else { const { line, code } = describeError(e); process.stderr.write('imagekeep: ' + line + '\\n'); process.exitCode = code; }
-}
-`);
-  return harness;
-}
-
-function runNode(args: string[], env: Record<string, string>): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d) => (stdout += d));
-    p.stderr.on('data', (d) => (stderr += d));
-    p.on('error', reject);
-    p.on('close', (code) => resolve({ code: code ?? 128, stdout, stderr }));
-  });
-}
-
-async function ourMounts(under: string): Promise<string[]> {
-  return (await readFile('/proc/mounts', 'utf8')).split('\n').map((l) => l.split(' ')[1] ?? '').filter((w) => w.startsWith(under));
-}
-
-async function sha256Range(path: string, offset: number, length: number): Promise<string> {
-  const h = createHash('sha256');
-  const f = await open(path, 'r');
-  try {
-    const buf = Buffer.alloc(4 * MiB);
-    for (let done = 0; done < length;) {
-      const n = Math.min(buf.length, length - done);
-      const { bytesRead } = await f.read(buf, 0, n, offset + done);
-      if (bytesRead !== n) throw new Error(`short read of ${path} at ${offset + done}`);
-      h.update(buf.subarray(0, n));
-      done += n;
-    }
-  } finally {
-    await f.close();
-  }
-  return h.digest('hex');
-}
+import { sha256File, tempDir, type RunResult } from './helpers/cli.js';
+import { MiB, mountCommandLine, ourMounts, runNode, sha256Range, unmountLeftovers } from './helpers/mount.js';
 
 /** Every file of `manifest` read through files/pN of `mnt` (async reads: the server is another process). */
 async function checkFiles(t: Test, mnt: string, manifest: Manifest, partitions: number[]): Promise<void> {
@@ -106,13 +49,12 @@ t.test('mount', async (t) => {
   const { dir, cleanup } = await tempDir('mount');
   const run = join(dir, 'run');
   const env = { IMAGEKEEP_RUN_DIR: run };
-  const cli = await commandLine(dir);
+  const { cli, note } = await mountCommandLine(dir);
+  t.comment(`imagekeep: ${note}`);
   const ik = (args: string[]): Promise<RunResult> => runNode([cli, ...args], env);
   t.teardown(async () => {
     // Whatever a failed assertion left mounted: nested first, lazily.
-    for (const m of (await ourMounts(dir)).sort((a, b) => b.length - a.length)) {
-      await new Promise((r) => spawn('umount', ['-l', m]).on('close', r));
-    }
+    await unmountLeftovers(dir);
     await cleanup();
   });
 
@@ -126,7 +68,7 @@ t.test('mount', async (t) => {
     if (n > 0) await disk.mutate({ seed: 70 + n, create: 6, modify: 6, remove: 3, bytes: 6 * MiB });
     const copy = join(dir, `point-${n}.img`);
     await new Promise((r) => spawn('cp', ['--sparse=always', disk.path, copy]).on('close', r));
-    const r = await backup(disk.path, folder, { forensic: true, at: start + n * 3600_000 });
+    const r = await backup(disk.path, folder, { forensic: true, workers: 0, at: start + n * 3600_000 });
     points.push({ image: r.path, sha: await disk.hash(), manifest: await disk.manifest(), copy, at: start + n * 3600_000 });
   }
   const mid = points[1]!;
@@ -205,7 +147,7 @@ t.test('mount', async (t) => {
     const bad = await makeDisk({ path: join(dir, 'bad.img'), size: 128 * MiB, seed: 8, tmpDir: dir, bytes: 4 * MiB });
     t.teardown(() => bad.cleanup());
     await bad.damageExtMetadata(2);
-    const r0 = await backup(bad.path, join(dir, 'bad-backups'), { forensic: true });
+    const r0 = await backup(bad.path, join(dir, 'bad-backups'), { forensic: true, workers: 0 });
     const r = await ik(['test-restore', r0.path]);
     t.equal(r.code, 1, 'exit status 1');
     t.match(r.stdout, /OK {4}\s*p1 \(ntfs/, 'the NTFS volume passes');
@@ -271,27 +213,32 @@ t.test('mount', async (t) => {
 t.test('MBR with logical partitions: numbering and offsets', async (t) => {
   const { dir, cleanup } = await tempDir('mount-mbr');
   const env = { IMAGEKEEP_RUN_DIR: join(dir, 'run') };
-  const cli = await commandLine(dir);
+  const { cli } = await mountCommandLine(dir);
   const ik = (args: string[]): Promise<RunResult> => runNode([cli, ...args], env);
-  t.teardown(cleanup);
+  t.teardown(async () => {
+    await unmountLeftovers(dir);
+    await cleanup();
+  });
   const disk = await makeDisk({ path: join(dir, 'disk.img'), size: 256 * MiB, scheme: 'mbr', logical: true, seed: 11, tmpDir: dir, bytes: 4 * MiB });
   t.teardown(() => disk.cleanup());
   const manifest = await disk.manifest();
-  const r0 = await backup(disk.path, join(dir, 'backups'), { forensic: true });
+  const r0 = await backup(disk.path, join(dir, 'backups'), { forensic: true, workers: 0 });
   const mnt = join(dir, 'mnt');
   await mkdir(mnt);
   const r = await ik(['mount', r0.path, mnt, '--files', '--json']);
   t.teardown(() => ik(['umount', mnt]));
   t.equal(r.code, 0, r.stderr);
+  t.equal(r.stderr, '', 'no warnings: every volume mounted');
   const info = JSON.parse(r.stdout) as { nested: string[]; view: { scheme: string; volumes: { name: string; fs: string; offset: number; length: number }[] } };
   t.equal(info.view.scheme, 'mbr');
+  t.same(info.nested, ['p1', 'p2', 'p5', 'p6'].map((n) => join(mnt, 'files', n)), 'NTFS, ext4, ext4 and FAT (fusefat) mounted');
   t.same(info.view.volumes.map((v) => [v.name, v.offset, v.length]), disk.layout.partitions.map((p) => [`p${p.number}`, p.offset, p.length]),
     `partitions ${disk.layout.partitions.map((p) => `p${p.number}`).join(', ')} (the extended container left out), offsets and sizes as sfdisk made them`);
   t.same(info.view.volumes.map((v) => v.name), ['p1', 'p2', 'p5', 'p6']);
   for (const p of disk.layout.partitions) {
     t.equal(await sha256File(join(mnt, `partitions/p${p.number}.raw`)), await sha256Range(disk.path, p.offset, p.length), `partitions/p${p.number}.raw is bytes ${p.offset}.. of the disk`);
   }
-  await checkFiles(t, mnt, manifest, [1, 2, 5]);
+  await checkFiles(t, mnt, manifest, [1, 2, 5, 6]);
   const u = await ik(['umount', mnt]);
   t.equal(u.code, 0, u.stderr);
   t.same(await ourMounts(dir), []);

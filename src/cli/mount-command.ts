@@ -5,6 +5,7 @@
  * never the one that reads its own mount.
  */
 import { stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { KeyRing } from '../chain/image/reader.js';
@@ -12,6 +13,7 @@ import { folderTimeZone } from '../chain/config.js';
 import { parseLocalTime } from '../chain/policy/calendar.js';
 import { ImagekeepError, UsageError } from '../formats/errors.js';
 import { listMounts, mountBackground, pickImage, serveImage, unmount } from '../mount/mount.js';
+import { newOverlayPath } from '../mount/state.js';
 import { testRestore } from '../mount/test-restore.js';
 import { readPassword, table } from './output.js';
 
@@ -22,10 +24,11 @@ class TestRestoreFailedError extends ImagekeepError {
 }
 
 /** The command line that serves `image` on `dir` in the foreground, for a detached child. */
-function serverCommand(image: string, dir: string, files: boolean, passwordFile: string | undefined): string[] {
+function serverCommand(image: string, dir: string, files: boolean, passwordFile: string | undefined, overlay?: string): string[] {
   return [
     process.execPath, resolve(process.argv[1]!), 'mount', resolve(image), resolve(dir), '--foreground', '--server',
     ...(files ? ['--files'] : []), ...(passwordFile ? ['--password-file', resolve(passwordFile)] : []),
+    ...(overlay ? ['--writable', '--overlay-file', overlay] : []),
   ];
 }
 
@@ -46,11 +49,14 @@ function stamp(line: string): void {
 
 export function addMountCommands(program: Command, interrupt: AbortController): void {
   program.command('mount')
-    .summary('mount a point in time read-only through FUSE: disk.raw, partitions/pN.raw, files/pN/')
+    .summary('mount a point in time through FUSE (read-only, or --writable with a discarded overlay): disk.raw, partitions/pN.raw, files/pN/')
     .description('Mount the point in time of an image (or of a folder at a time) read-only through FUSE, after checking ' +
       'the headers, indexes and point-id links of its whole dependency path. The mount shows disk.raw and ' +
       'partitions/pN.raw (MBR primaries p1-p4, logicals from p5; GPT in table order), or volume.raw for a volume image; ' +
-      'with --files each NTFS (ntfs-3g) and ext2/3/4 (fuse2fs) volume is mounted read-only on files/pN/. Runs in the ' +
+      'with --files each NTFS (ntfs-3g), ext2/3/4 (fuse2fs) and FAT12/16/32 (fusefat) volume is mounted read-only on ' +
+      'files/pN/ (files/volume/ for a volume image). With --writable, writes go to a copy-on-write overlay in a sparse ' +
+      'temporary file (--overlay-dir), discarded at umount; the chain is never written, and with --files NTFS and ext ' +
+      'volumes are mounted read-write (FAT stays read-only). A write past the end of a file fails with ENOSPC. Runs in the ' +
       'background and returns once mounted (--foreground stays attached until Ctrl-C or umount). A block that fails its ' +
       'checksum reads as an I/O error (EIO), never as wrong bytes, and is logged with image and block. Mounts are ' +
       'recorded in $IMAGEKEEP_RUN_DIR (default /run/imagekeep), with the server\'s log.')
@@ -58,7 +64,10 @@ export function addMountCommands(program: Command, interrupt: AbortController): 
     .argument('<dir>', 'an existing empty directory')
     .option('--at <time>', 'with a folder: mount the newest point captured at or before TIME (ISO-8601; the folder\'s time zone without an offset)')
     .option('--volume <name>', 'with a folder holding several volumes: which one')
-    .option('--files', 'also mount each NTFS and ext volume read-only on files/pN/')
+    .option('--files', 'also mount each NTFS, ext and FAT volume on files/pN/ (read-only unless --writable; FAT always read-only)')
+    .option('--writable', 'accept writes into a copy-on-write overlay discarded at umount; the chain is never written')
+    .option('--overlay-dir <dir>', 'with --writable: where the overlay file goes (default $TMPDIR or /tmp); it grows by what is written')
+    .addOption(new Option('--overlay-file <file>').hideHelp())
     .option('--foreground', 'serve from this process until interrupted or unmounted')
     .addOption(new Option('--server').hideHelp())
     .option('--password-file <file>', 'password of an encrypted chain (or IMAGEKEEP_PASSWORD_FILE)')
@@ -66,26 +75,30 @@ export function addMountCommands(program: Command, interrupt: AbortController): 
     .action(async (target: string, dir: string, o) => {
       const image = await imageOf(target, o.at, o.volume);
       const keyring = new KeyRing(await readPassword(o.passwordFile));
+      if (o.overlayDir && !o.writable) throw new UsageError('--overlay-dir goes with --writable');
+      const overlay = o.writable ? (o.overlayFile as string | undefined) ?? newOverlayPath(resolve(dir), resolve(o.overlayDir ?? tmpdir())) : undefined;
       if (o.foreground) {
-        await serveImage({ image, dir, keyring, files: !!o.files, owner: !o.server, log: stamp, signal: interrupt.signal });
+        await serveImage({ image, dir, keyring, files: !!o.files, overlay, owner: !o.server, log: stamp, signal: interrupt.signal });
         // fuse-native's thread keeps the event loop alive after the unmount.
         process.exit(0);
       }
-      const r = await mountBackground({ image, dir, keyring, files: !!o.files, command: serverCommand(image, dir, !!o.files, o.passwordFile) });
+      const r = await mountBackground({ image, dir, keyring, files: !!o.files, overlay, command: serverCommand(image, dir, !!o.files, o.passwordFile, overlay) });
       if (o.json) {
-        console.log(JSON.stringify({ ...r, view: { kind: r.view.kind, scheme: r.view.scheme, files: r.view.files, volumes: r.view.volumes.map((v) => ({ name: v.name, fs: v.fs, offset: v.file.offset, length: v.file.length })) } }, null, 2));
+        console.log(JSON.stringify({ ...r, view: { kind: r.view.kind, scheme: r.view.scheme, files: r.view.files, volumes: r.view.volumes.map((v) => ({ name: v.name, fs: v.fs, version: v.version, offset: v.file.offset, length: v.file.length })) } }, null, 2));
       } else {
-        const vols = r.view.volumes.map((v) => `${v.name} (${v.fs})`).join(', ');
-        console.log(`${r.dir}: ${r.image} (point of ${r.pointTime}) mounted read-only by pid ${r.pid}; ${r.view.kind === 'volume' ? 'volume.raw' : `disk.raw${vols ? `, partitions ${vols}` : ''}`}` +
+        const vols = r.view.volumes.map((v) => `${v.name} (${v.version ?? v.fs})`).join(', ');
+        console.log(`${r.dir}: ${r.image} (point of ${r.pointTime}) mounted ${r.overlay ? `writable (overlay ${r.overlay}, discarded at umount)` : 'read-only'} by pid ${r.pid}; ` +
+          `${r.view.kind === 'volume' ? `volume.raw (${r.view.volumes[0]?.version ?? r.view.volumes[0]?.fs})` : `disk.raw${vols ? `, partitions ${vols}` : ''}`}` +
           `${r.nested.length ? `; files: ${r.nested.map((n) => n.slice(r.dir.length + 1)).join(', ')}` : ''}; log ${r.log}`);
       }
       for (const f of r.failed) process.stderr.write(`imagekeep: warning: files/${f.name} not mounted: ${f.error}\n`);
+      for (const w of r.warnings) process.stderr.write(`imagekeep: warning: ${w}\n`);
     });
 
   program.command('umount')
     .summary('unmount a mount made by imagekeep mount (nested mounts first)')
     .description('Unmount a point mounted by imagekeep mount: the nested files/ mounts first, then the point; a mount ' +
-      'whose server died is detached lazily, so nothing stays stuck.')
+      'whose server died is detached lazily, so nothing stays stuck. A --writable mount\'s overlay file is removed.')
     .argument('<dir>')
     .option('--json', 'print the result as JSON')
     .action(async (dir: string, o) => {
@@ -101,14 +114,15 @@ export function addMountCommands(program: Command, interrupt: AbortController): 
       const list = await listMounts();
       if (o.json) { console.log(JSON.stringify(list, null, 2)); return; }
       if (list.length === 0) { console.log('nothing mounted'); return; }
-      console.log(table([['DIR', 'STATE', 'PID', 'POINT', 'IMAGE', 'FILES'],
-        ...list.map((m) => [m.dir, m.state, String(m.pid), m.pointTime, m.image, m.nested.map((n) => n.slice(m.dir.length + 1)).join(',') || '-'])]));
+      console.log(table([['DIR', 'STATE', 'MODE', 'PID', 'POINT', 'IMAGE', 'FILES'],
+        ...list.map((m) => [m.dir, m.state, m.overlay ? 'rw' : 'ro', String(m.pid), m.pointTime, m.image, m.nested.map((n) => n.slice(m.dir.length + 1)).join(',') || '-'])]));
     });
 
   program.command('test-restore')
-    .summary('mount a point, check every volume (e2fsck, ntfsfix + read every file, fsck.vfat), report')
+    .summary('mount a point, check every volume (e2fsck, ntfsfix, fsck.vfat; then read every file), report')
     .description('Prove a point can be restored: mount it, check each volume (ext: e2fsck -fn, then mount and read every ' +
-      'file; NTFS: ntfsfix -n, then an ntfs-3g mount reading every file; FAT: fsck.vfat -n), unmount, and report per ' +
+      'file; NTFS: ntfsfix -n, then an ntfs-3g mount reading every file; FAT: fsck.vfat -n, then a fusefat mount reading ' +
+      'every file), unmount, and report per ' +
       'volume. Exit status 1 when any volume fails.')
     .argument('<image>')
     .option('--password-file <file>', 'password of an encrypted chain (or IMAGEKEEP_PASSWORD_FILE)')

@@ -35,6 +35,12 @@ declare module 'fuse-native' {
     ftruncate?(path: string, fd: number, size: number, cb: (status: number) => void): void;
     flush?(path: string, fd: number, cb: (status: number) => void): void;
     fsync?(path: string, fd: number, datasync: boolean, cb: (status: number) => void): void;
+    utimens?(path: string, atime: Date, mtime: Date, cb: (status: number) => void): void;
+    create?(path: string, mode: number, cb: (status: number, fd?: number) => void): void;
+    mkdir?(path: string, mode: number, cb: (status: number) => void): void;
+    unlink?(path: string, cb: (status: number) => void): void;
+    rmdir?(path: string, cb: (status: number) => void): void;
+    rename?(src: string, dest: string, cb: (status: number) => void): void;
   }
 
   export interface FuseOptions {
@@ -57,6 +63,8 @@ declare module 'fuse-native' {
     constructor(mnt: string, ops: FuseOps, opts?: FuseOptions);
     readonly mnt: string;
     mount(cb: (err: Error | null) => void): void;
+    /** The "-o a,b,c" string given to libfuse, built from the options at mount time (internal, but the only way to add options it has no setting for). */
+    _fuseOptions(): string;
     unmount(cb: (err: Error | null) => void): void;
     static unmount(mnt: string, cb: (err: Error | null) => void): void;
     static readonly EPERM: number;

@@ -7,18 +7,26 @@
  *   3. serve it: in this process (--foreground), or in a detached child started with the
  *      same command plus the hidden --server flag; the caller waits until the mount shows
  *      in /proc/mounts (or the child dies, whose log then explains why);
- *   4. with --files, mount each NTFS / ext volume read-only on files/pN from a process that
- *      is not the server (ntfs-3g and fuse2fs are their own processes; they read the
- *      partition files through the kernel, which our server answers);
+ *   4. with --files, mount each NTFS / ext / FAT volume read-only on files/pN from a
+ *      process that is not the server (ntfs-3g, fuse2fs and fusefat are their own
+ *      processes; they read the partition files through the kernel, which our server answers);
  *   5. record the mount (state.ts) for `umount` and `mounts`.
  *
- * Unmounting goes the other way: nested mounts first (deepest first), then ours; a mount
- * whose server was killed is detached lazily. Nothing here turns errors into errno or
- * exit codes: the FUSE adapter (server.ts) and the CLI do.
+ * --writable puts a copy-on-write overlay (overlay.ts) between the point and the server, in
+ * a temporary file the caller names (so it is recorded before the server starts) and that
+ * goes at unmount. With --files, NTFS and ext volumes are then mounted read-write (their
+ * changes land in the overlay too), falling back to read-only with a warning when the
+ * driver refuses (a hibernated NTFS, say); FAT stays read-only, because fusefat's writing
+ * is marked experimental.
+ *
+ * Unmounting goes the other way: nested mounts first (deepest first), then — once their
+ * daemons have exited, since a read-write one flushes after its umount returns — ours; a
+ * mount whose server was killed is detached lazily and its overlay file removed. Nothing
+ * here turns errors into errno or exit codes: the FUSE adapter (server.ts) and the CLI do.
  */
 import { execFile, spawn } from 'node:child_process';
-import { open, readFile, rm, stat } from 'node:fs/promises';
-import { resolve } from 'node:path';
+import { open, readFile, readdir, rm, stat } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { groupChains, listFolder, loadChain, type ChainFile } from '../chain/folder.js';
@@ -27,7 +35,8 @@ import { openPoint } from '../chain/open.js';
 import type { KeyRing } from '../chain/image/reader.js';
 import { ImagekeepError, UsageError } from '../formats/errors.js';
 import { CachedPoint } from './cache.js';
-import { isMountPoint, procMounts, serve } from './server.js';
+import { Overlay } from './overlay.js';
+import { isMountPoint, procMounts, serve, type ServedDevice } from './server.js';
 import { allRecords, logPath, readRecord, removeRecord, writeRecord, type MountRecord } from './state.js';
 import { buildView, type View } from './view.js';
 
@@ -68,6 +77,8 @@ export interface ServeImageOptions {
   dir: string;
   keyring: KeyRing;
   files: boolean;
+  /** --writable: the overlay file to create (it must not exist); absent for read-only. */
+  overlay?: string;
   /** Mount the volumes and write the mount record from this process (foreground mode). */
   owner: boolean;
   log: (line: string) => void;
@@ -75,12 +86,12 @@ export interface ServeImageOptions {
 }
 
 /** Opens (checks) the point and builds its view; the caller closes `dev`. */
-export async function openView(image: string, keyring: KeyRing, files: boolean): Promise<{ dev: CachedPoint; view: View; pointTime: Date }> {
+export async function openView(image: string, keyring: KeyRing, files: boolean): Promise<{ dev: CachedPoint; view: View; pointTime: Date; encrypted: boolean }> {
   const { point } = await openPoint(image, keyring);
   try {
     const dev = new CachedPoint(point);
     const view = await buildView(dev, point.top.header.sourceKind, files);
-    return { dev, view, pointTime: new Date(point.top.header.pointTime) };
+    return { dev, view, pointTime: new Date(point.top.header.pointTime), encrypted: point.top.header.encryption !== null };
   } catch (e) {
     await point.close();
     throw e;
@@ -100,26 +111,35 @@ async function checkMountDir(dir: string): Promise<void> {
 export async function serveImage(o: ServeImageOptions): Promise<void> {
   const dir = resolve(o.dir);
   await checkMountDir(dir);
-  const { dev, view, pointTime } = await openView(o.image, o.keyring, o.files);
+  const { dev, view, pointTime, encrypted } = await openView(o.image, o.keyring, o.files);
+  let overlay: Overlay | undefined;
   try {
-    const server = await serve({ dir, view, dev, time: pointTime, log: o.log });
+    let served: ServedDevice = dev;
+    if (o.overlay) served = overlay = await Overlay.create(dev, o.overlay, { encrypt: encrypted });
+    const server = await serve({ dir, view, dev: served, time: pointTime, log: o.log });
     let nested: string[] = [];
     try {
       if (o.owner) {
         if (o.files) {
-          const r = await mountVolumes(dir, view);
+          const r = await mountVolumes(dir, view, !!overlay);
           nested = r.mounted;
           for (const f of r.failed) o.log(`files/${f.name} not mounted: ${f.error}`);
+          for (const w of r.warnings) o.log(w);
         }
-        await writeRecord({ dir, pid: process.pid, image: resolve(o.image), pointTime: pointTime.toISOString(), nested, log: '', started: new Date().toISOString() });
+        await writeRecord({ dir, pid: process.pid, image: resolve(o.image), pointTime: pointTime.toISOString(), nested, log: '', overlay: o.overlay, started: new Date().toISOString() });
       }
       await Promise.race([server.gone, new Promise((r) => o.signal.addEventListener('abort', r, { once: true }))]);
     } finally {
       for (const n of [...nested].reverse()) await detach(n, 'umount');
+      await daemonsGone(nested);
       await server.unmount();
       if (o.owner) await removeRecord(dir);
     }
   } finally {
+    if (overlay) {
+      o.log(`overlay ${overlay.path} discarded (${overlay.bytesHeld} bytes written)`);
+      await overlay.close();
+    }
     await dev.close();
   }
 }
@@ -130,6 +150,8 @@ export interface BackgroundOptions {
   /** The command that serves in the foreground: [node, script, ...args]. */
   command: string[];
   files: boolean;
+  /** --writable: the overlay file the server creates (given in `command` too); absent for read-only. */
+  overlay?: string;
   /** Mount the volumes on files/pN once served (default: `files`); test-restore checks them first. */
   mountFiles?: boolean;
   keyring: KeyRing;
@@ -144,6 +166,9 @@ export interface MountResult {
   view: View;
   nested: string[];
   failed: { name: string; error: string }[];
+  /** Volumes mounted read-only although the mount is writable, and why. */
+  warnings: string[];
+  overlay?: string;
   log: string;
 }
 
@@ -154,8 +179,13 @@ export async function mountBackground(o: BackgroundOptions): Promise<MountResult
   // Check the whole path here, so a broken chain is this command's error, not a log line.
   const { dev, view, pointTime } = await openView(o.image, o.keyring, o.files);
   await dev.close();
+  if (o.overlay) {
+    const parent = dirname(resolve(o.overlay));
+    if (!(await stat(parent).catch(() => null))?.isDirectory()) throw new UsageError(`${parent} (for the overlay of --writable) is not a directory`);
+  }
   const log = logPath(dir);
-  await writeRecord({ dir, pid: 0, image: resolve(o.image), pointTime: pointTime.toISOString(), nested: [], log, started: new Date().toISOString() });
+  const overlay = o.overlay && resolve(o.overlay);
+  await writeRecord({ dir, pid: 0, image: resolve(o.image), pointTime: pointTime.toISOString(), nested: [], log, overlay, started: new Date().toISOString() });
   const out = await open(log, 'w');
   let child;
   try {
@@ -172,6 +202,7 @@ export async function mountBackground(o: BackgroundOptions): Promise<MountResult
       if (exited === undefined) child.kill('SIGKILL');
       const text = (await readFile(log, 'utf8').catch(() => '')).trim().split('\n').slice(-3).join(' | ');
       await removeRecord(dir);
+      if (overlay) await rm(overlay, { force: true });
       throw new MountError(`the mount server for ${dir} ${exited === undefined ? 'did not mount in time' : `exited (${exited})`}: ${text || 'no output'}`);
     }
     await sleep(20);
@@ -180,36 +211,84 @@ export async function mountBackground(o: BackgroundOptions): Promise<MountResult
   const pid = child.pid!;
   let nested: string[] = [];
   let failed: MountResult['failed'] = [];
-  if (o.files && (o.mountFiles ?? true)) ({ mounted: nested, failed } = await mountVolumes(dir, view));
-  await writeRecord({ dir, pid, image: resolve(o.image), pointTime: pointTime.toISOString(), nested, log, started: new Date().toISOString() });
-  return { dir, image: resolve(o.image), pid, pointTime: pointTime.toISOString(), view, nested, failed, log };
+  let warnings: string[] = [];
+  if (o.files && (o.mountFiles ?? true)) ({ mounted: nested, failed, warnings } = await mountVolumes(dir, view, !!overlay));
+  await writeRecord({ dir, pid, image: resolve(o.image), pointTime: pointTime.toISOString(), nested, log, overlay, started: new Date().toISOString() });
+  return { dir, image: resolve(o.image), pid, pointTime: pointTime.toISOString(), view, nested, failed, warnings, overlay, log };
 }
 
-/** ntfs-3g / fuse2fs on each volume's partition file, read-only. FAT has no reader here. */
-export async function mountVolumes(dir: string, view: View): Promise<{ mounted: string[]; failed: { name: string; error: string }[] }> {
+/** The command mounting a volume of `fs` from `file` on `target`, read-only or read-write; null when none can. */
+function volumeCommand(fs: string, file: string, target: string, rw: boolean): [string, string[]] | null {
+  const mode = rw ? 'rw' : 'ro';
+  if (fs === 'ntfs') return ['ntfs-3g', ['-o', mode, file, target]];
+  if (fs === 'ext') return ['fuse2fs', ['-o', mode, file, target]];
+  // fusefat writes only with its experimental "rw+": FAT is always mounted read-only.
+  if (fs === 'fat' && !rw) return ['fusefat', ['-o', 'ro', file, target]];
+  return null;
+}
+
+async function mountOne(cmd: [string, string[]], target: string): Promise<void> {
+  await execFileP(cmd[0], cmd[1], { timeout: 120_000 });
+  if (!(await isMountPoint(target))) throw new Error(`${cmd[0]} returned but ${target} is not mounted`);
+}
+
+const toolError = (tool: string, e: unknown): string => {
+  const err = e as { stderr?: string; message?: string };
+  return `${tool}: ${(err.stderr || err.message || String(e)).trim().split('\n').slice(-2).join(' | ')}`;
+};
+
+/**
+ * Each NTFS, ext and FAT volume on files/pN: ntfs-3g, fuse2fs and fusefat on the volume's
+ * partition file. Read-only, or with `writable` NTFS and ext read-write (a driver that
+ * refuses is retried read-only, with a warning); FAT always read-only.
+ */
+export async function mountVolumes(dir: string, view: View, writable = false): Promise<{ mounted: string[]; failed: { name: string; error: string }[]; warnings: string[] }> {
   const mounted: string[] = [];
   const failed: { name: string; error: string }[] = [];
+  const warnings: string[] = [];
   await Promise.all(view.volumes.map(async (v) => {
     const file = `${dir}${v.file.path}`;
     const target = `${dir}/files/${v.name}`;
-    let cmd: [string, string[]];
-    if (v.fs === 'ntfs') cmd = ['ntfs-3g', ['-o', 'ro', file, target]];
-    else if (v.fs === 'ext') cmd = ['fuse2fs', ['-o', 'ro', file, target]];
-    else {
-      if (v.fs === 'fat') failed.push({ name: v.name, error: 'FAT volume: no FAT FUSE reader is installed; use partitions/' + `${v.name}.raw with mtools (mcopy -i)` });
-      return;
-    }
+    const ro = volumeCommand(v.fs, file, target, false);
+    if (!ro) return;
+    const rw = writable ? volumeCommand(v.fs, file, target, true) : null;
+    if (rw) {
+      try {
+        await mountOne(rw, target);
+        mounted.push(target);
+        return;
+      } catch (e) {
+        warnings.push(`files/${v.name} mounted read-only: ${toolError(rw[0], e)}`);
+      }
+    } else if (writable) warnings.push(`files/${v.name} (${v.version ?? v.fs}) mounted read-only: fusefat writes only in an experimental mode`);
     try {
-      await execFileP(cmd[0], cmd[1], { timeout: 120_000 });
-      if (!(await isMountPoint(target))) throw new Error(`${cmd[0]} returned but ${target} is not mounted`);
+      await mountOne(ro, target);
       mounted.push(target);
     } catch (e) {
-      const err = e as { stderr?: string; message?: string };
-      failed.push({ name: v.name, error: `${cmd[0]}: ${(err.stderr || err.message || String(e)).trim().split('\n').slice(-2).join(' | ')}` });
+      failed.push({ name: v.name, error: toolError(ro[0], e) });
     }
   }));
   mounted.sort();
-  return { mounted, failed };
+  return { mounted, failed, warnings };
+}
+
+/** Waits (up to 10 s) until no process runs with one of `mountPoints` as an argument: a FUSE daemon flushes after umount returns. */
+async function daemonsGone(mountPoints: string[]): Promise<void> {
+  if (mountPoints.length === 0) return;
+  const wanted = new Set(mountPoints);
+  for (let i = 0; i < 200; i++) {
+    let found = false;
+    for (const pid of await readdir('/proc').catch(() => [] as string[])) {
+      if (!/^\d+$/.test(pid)) continue;
+      const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+      if (cmdline.split('\0').some((arg) => wanted.has(arg)) && (await alive(Number(pid)))) {
+        found = true;
+        break;
+      }
+    }
+    if (!found) return;
+    await sleep(50);
+  }
 }
 
 /** Unmounts `where`; busy or dead, it is detached lazily so nothing stays stuck. */
@@ -250,6 +329,8 @@ export async function unmount(dirArg: string): Promise<{ dir: string; unmounted:
     await detach(n, 'umount');
     unmounted.push(n);
   }
+  // A read-write nested daemon still writes through our server after its umount returns.
+  if (rec && (await alive(rec.pid))) await daemonsGone(nested);
   if (ours) {
     await detach(dir, 'fusermount');
     unmounted.push(dir);
@@ -262,6 +343,8 @@ export async function unmount(dirArg: string): Promise<{ dir: string; unmounted:
   if (await isMountPoint(dir)) throw new MountError(`${dir} is still mounted after fusermount -uz; a process may hold it open`);
   await removeRecord(dir);
   if (rec?.log) await rm(rec.log, { force: true });
+  // The server removes its overlay when it ends well; after a kill, this is what does.
+  if (rec?.overlay) await rm(rec.overlay, { force: true });
   return { dir, unmounted };
 }
 

@@ -4,8 +4,13 @@
  * server's log, in the run directory: $IMAGEKEEP_RUN_DIR, else /run/imagekeep (tmpfs on
  * most systems, so a reboot — which also ends every FUSE mount — clears it). A record is
  * named by a hash of the mount point's absolute path, so two mounts never share one.
+ *
+ * A `--writable` mount's overlay file is not here (it may grow to the disk's size, and the
+ * run directory is usually a small tmpfs) but in a directory of the user's choice, default
+ * the system's temporary directory; the record names it so `umount` can remove it after a
+ * server that was killed.
  */
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 
@@ -22,6 +27,8 @@ export interface MountRecord {
   nested: string[];
   /** The server's log (stderr), where blocks failing their checksum are named. */
   log: string;
+  /** A --writable mount's overlay file (absolute), removed at unmount; absent when read-only. */
+  overlay?: string;
   started: string;
 }
 
@@ -39,6 +46,11 @@ export function recordPath(dir: string): string {
 
 export function logPath(dir: string): string {
   return join(runDir(), `mount-${idOf(dir)}.log`);
+}
+
+/** A fresh name for the overlay file of a --writable mount on `dir`, in `parent`. */
+export function newOverlayPath(dir: string, parent: string): string {
+  return join(parent, `imagekeep-overlay-${idOf(dir)}-${randomBytes(4).toString('hex')}.img`);
 }
 
 export async function writeRecord(rec: MountRecord): Promise<void> {

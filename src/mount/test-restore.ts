@@ -5,7 +5,7 @@
  *
  *   ext2/3/4  e2fsck -fn on partitions/pN.raw, then a fuse2fs mount and a walk reading every file
  *   NTFS      ntfsfix -n (which passes almost anything), then an ntfs-3g mount and the walk
- *   FAT       fsck.vfat -n
+ *   FAT       fsck.vfat -n, then a fusefat mount and the walk
  *
  * The checkers run before the nested mounts: e2fsck refuses to go on with a filesystem it
  * sees mounted. A volume fails on a checker's non-zero exit, a mount that fails, or a file
@@ -114,10 +114,11 @@ export async function testRestore(image: string, keyring: KeyRing, command: (ima
       else if (v.fs === 'fat') await check('fsck.vfat -n', 'fsck.vfat', ['-n', file]);
       volumes.push({ name: v.name, fs: v.fs, offset: v.file.offset, length: v.file.length, ok: true, checks });
     }
-    const nested = await mountVolumes(dir, { ...m.view, volumes: m.view.volumes.filter((v) => v.fs === 'ntfs' || v.fs === 'ext') });
+    const nested = await mountVolumes(dir, m.view);
+    const mounter: Record<string, string> = { ntfs: 'ntfs-3g', ext: 'fuse2fs', fat: 'fusefat' };
     for (const rep of volumes) {
-      if (rep.fs !== 'ntfs' && rep.fs !== 'ext') continue;
-      const label = rep.fs === 'ntfs' ? 'ntfs-3g -o ro + read every file' : 'fuse2fs -o ro + read every file';
+      if (!mounter[rep.fs]) continue;
+      const label = `${mounter[rep.fs]} -o ro + read every file`;
       const fail = nested.failed.find((f) => f.name === rep.name);
       if (fail) {
         rep.checks.push({ tool: label, ok: false, detail: fail.error });
