@@ -107,7 +107,9 @@ export class PointInTime implements BlockDevice {
 
   /** Blocks first..first+count-1 into `into` (zeros where nothing is stored), decoded on this thread. */
   async readBlocks(first: number, count: number, into: Uint8Array): Promise<void> {
-    into.fill(0, 0, Math.min((first + count) * this.blockSize, this.size) - first * this.blockSize);
+    const length = Math.min((first + count) * this.blockSize, this.size) - first * this.blockSize;
+    if (into.length < length) throw new RangeError(`blocks ${first}..${first + count - 1} take ${length} bytes, more than the ${into.length} given`);
+    into.fill(0, 0, length);
     const reads: Promise<void>[] = [];
     for (const run of this.recordRuns(first, count)) {
       reads.push(run.image.readRecords(run.pos, run.pos + run.count).then((recs) => {
@@ -115,7 +117,9 @@ export class PointInTime implements BlockDevice {
         for (let i = 0; i < run.count; i++) {
           const pos = run.pos + i;
           const stored = run.image.index.storedLengths[pos]!;
-          into.set(run.image.decodeRecord(pos, recs.subarray(o, o + stored)), (run.block + i - first) * this.blockSize);
+          const block = run.block + i;
+          const at = (block - first) * this.blockSize;
+          run.image.decodeRecordInto(pos, recs.subarray(o, o + stored), into.subarray(at, at + blockLength(block, this.size, this.blockSize)));
           o += stored;
         }
       }));

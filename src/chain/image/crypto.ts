@@ -6,7 +6,7 @@
  * block or chain unnoticed. Block digests become keyed (HMAC) so the index does not leak
  * which blocks hold known content.
  */
-import { createCipheriv, createDecipheriv, createHash, createHmac, hkdfSync, randomBytes, scrypt } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHmac, hash, hkdfSync, randomBytes, scrypt } from 'node:crypto';
 import { promisify } from 'node:util';
 import { WrongPasswordError } from '../../formats/errors.js';
 import { DIGEST_SIZE, type EncryptionInfo, type KdfParams } from './layout.js';
@@ -92,8 +92,17 @@ export function openBlock(keys: ChainKeys, block: number, record: Uint8Array): B
   }
 }
 
-/** The digest stored per block: SHA-256 (keyed with HMAC when encrypted), first 16 bytes. */
+/**
+ * The digest stored per block: SHA-256 (keyed with HMAC when encrypted), first 16 bytes.
+ * Unkeyed, the one-shot `crypto.hash` saves a Hash object per block (64 KiB blocks: about
+ * 5% of the hashing time).
+ */
 export function blockDigest(data: Uint8Array, digestKey: Buffer | null): Buffer {
-  const h = digestKey ? createHmac('sha256', digestKey) : createHash('sha256');
-  return h.update(data).digest().subarray(0, DIGEST_SIZE);
+  const full = digestKey ? createHmac('sha256', digestKey).update(data).digest() : hash('sha256', data, 'buffer');
+  return full.subarray(0, DIGEST_SIZE);
+}
+
+/** True when `data` has the stored `digest` (DIGEST_SIZE bytes). */
+export function blockDigestMatches(data: Uint8Array, digestKey: Buffer | null, digest: Uint8Array): boolean {
+  return blockDigest(data, digestKey).equals(digest);
 }

@@ -151,6 +151,11 @@ export class ImageFile {
     return this.decoder.decode(rec, this.index.flags[pos]! >> 8, block, length, this.digestAt(pos), this.name);
   }
 
+  /** `decodeRecord` into `into` (exactly the block's length): no buffer of its own, no copy for zstd. */
+  decodeRecordInto(pos: number, rec: Uint8Array, into: Uint8Array): void {
+    this.decoder.decodeInto(rec, this.index.flags[pos]! >> 8, this.index.blocks[pos]!, into, this.digestAt(pos), this.name);
+  }
+
   /** Position of `block` in the index, or -1 (binary search). */
   find(block: number): number {
     const b = this.index.blocks;
