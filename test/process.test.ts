@@ -4,15 +4,61 @@ import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { cp, readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
+import { loadProcessConfig } from '../src/chain/config.js';
 import { KeyRing } from '../src/chain/image/reader.js';
 import { openPoint } from '../src/chain/open.js';
-import { imagekeep, tempDir } from './helpers/cli.js';
+import { processFolder } from '../src/chain/process.js';
+import { ROOT, sha256File, tempDir, type RunResult } from './helpers/cli.js';
+import { imagekeepPlain, runNode } from './helpers/plain-spawn.js';
 import { makeRawDisk, scribble } from './helpers/rawdisk.js';
-import { sha256File } from './helpers/cli.js';
 
 const run = promisify(execFile);
-const NIGHT = ['--now', '2026-10-03T00:05:00Z', '--time-zone', 'UTC', '--keep-incremental-days', '0'];
+const NOW = '2026-10-03T00:05:00Z';
+const NIGHT = ['--now', NOW, '--time-zone', 'UTC', '--keep-incremental-days', '0'];
+/** NIGHT's settings as the command passes them to loadProcessConfig. */
+const NIGHT_FLAGS = { timeZone: 'UTC', keepIncrementalDays: '0' };
+
+/** The night of NIGHT run in-process: the settings the command line resolves from those flags, then processFolder. */
+async function processNight(folder: string): Promise<Awaited<ReturnType<typeof processFolder>>> {
+  const [f] = (await loadProcessConfig([folder], undefined, NIGHT_FLAGS)).folders;
+  return processFolder(f!.path, f!.settings, { now: Date.parse(NOW), keyring: new KeyRing(null) });
+}
+
+/**
+ * The night of NIGHT in a process of its own, made of the library calls the command's action
+ * makes (src/cli/process-command.ts) from the same build (dist/) the command runs: a crash
+ * needs a process to kill, and this one starts in about 60% of the command's CPU time,
+ * because it does not load the other commands' modules. The test checks that its durable
+ * steps are the command's, step for step.
+ */
+const NIGHT_SCRIPT = `
+const [folder, now, flags] = process.argv.slice(1);
+const dist = ${JSON.stringify(pathToFileURL(join(ROOT, 'dist')).href)};
+const { loadProcessConfig } = await import(dist + '/chain/config.js');
+const { processFolder } = await import(dist + '/chain/process.js');
+const { KeyRing } = await import(dist + '/chain/image/reader.js');
+const [f] = (await loadProcessConfig([folder], undefined, JSON.parse(flags))).folders;
+const r = await processFolder(f.path, f.settings, { now: Date.parse(now), keyring: new KeyRing(null) });
+process.exitCode = r.ok ? 0 : 1;
+`;
+
+function processNightInChild(folder: string, env: Record<string, string>): Promise<RunResult> {
+  return runNode(['--input-type=module', '-e', NIGHT_SCRIPT, folder, NOW, JSON.stringify(NIGHT_FLAGS)], env);
+}
+
+/**
+ * The durable steps printed with IMAGEKEEP_CRASH_TRACE=1, with what differs between two runs
+ * of the same night taken out: the folder's path, the pid and random part of temporary
+ * names, and the length of the verification state (it holds the copied files' mtimes).
+ */
+function stepsOf(stderr: string, folder: string): string[] {
+  return stderr.split('\n').filter((l) => l.startsWith('durable step ')).map((l) => l
+    .split(folder).join('<folder>')
+    .replace(/\.imagekeep-tmp-\d+-[a-z0-9]+-/g, '.imagekeep-tmp-*-')
+    .replace(/^(durable step \d+: write )\d+( B at 0 of <folder>\/\.imagekeep-tmp-\*-\.imagekeep-state\.json)$/, '$1*$2'));
+}
 
 async function listing(dir: string): Promise<string[]> {
   const out: string[] = [];
@@ -50,55 +96,60 @@ t.test('process', async (t) => {
   for (const day of ['2026-10-01', '2026-10-02']) {
     for (const hour of ['01', '09', '17']) {
       if (n > 0) await scribble(src, 600 + n, 3, 20_000);
-      t.equal((await imagekeep(['backup', src, template, '--block-size', '4096', '--at', `${day}T${hour}:00:00Z`])).code, 0);
+      t.equal((await imagekeepPlain(['backup', src, template, '--block-size', '4096', '--at', `${day}T${hour}:00:00Z`])).code, 0);
       states.set(n++, await sha256File(src));
     }
   }
 
   t.test('--dry-run changes nothing', async (t) => {
     const before = await listing(template);
-    const r = await imagekeep(['process', template, ...NIGHT, '--dry-run']);
+    const r = await imagekeepPlain(['process', template, ...NIGHT, '--dry-run']);
     t.equal(r.code, 0, r.stderr);
     t.match(r.stdout, /would collapse .* into C_VOL-b001-i002-cd.spi/);
     t.match(r.stdout, /would remove C_VOL-b001-i001.spi/);
     t.same(await listing(template), before, 'the folder is unchanged');
   });
 
-  // The reference: the same night, uninterrupted.
+  // The reference: the same night, uninterrupted, by the command, with its durable steps.
   const reference = join(dir, 'reference');
   await cp(template, reference, { recursive: true });
-  const ref = await imagekeep(['process', reference, ...NIGHT]);
+  const ref = await imagekeepPlain(['process', reference, ...NIGHT], { IMAGEKEEP_CRASH_TRACE: '1' });
   t.equal(ref.code, 0, ref.stderr);
+  const refSteps = stepsOf(ref.stderr, reference);
   const refImages = (await readdir(reference)).filter((x) => /\.(sp[fi]|md5)$/.test(x)).sort();
   t.ok(refImages.includes('C_VOL-b001-i005-cd.spi') && refImages.includes('C_VOL-b001-i002-cd.spi'), refImages.join(' '));
 
+  // Each crash kills the night's process at its k-th step, for every k of the command's steps;
+  // the rerun runs the same night in-process, through the library the command calls.
   t.test('killed at every durable step', async (t) => {
     let steps = 0;
     for (let k = 1; k < 400; k++) {
       const folder = join(dir, `k${k}`);
       await cp(template, folder, { recursive: true });
-      const r = await imagekeep(['process', folder, ...NIGHT], { IMAGEKEEP_CRASH_AT: String(k) });
+      const r = await processNightInChild(folder, { IMAGEKEEP_CRASH_AT: String(k), IMAGEKEEP_CRASH_TRACE: '1' });
       if (r.code === 0) {
         steps = k - 1;
+        t.same(stepsOf(r.stderr, folder), refSteps, `uninterrupted, the night takes the ${refSteps.length} durable steps of imagekeep process, in order`);
         await rm(folder, { recursive: true });
         break;
       }
       t.equal(r.code, 137, `k=${k}: killed`);
+      t.same(stepsOf(r.stderr, folder), refSteps.slice(0, k), `k=${k}: killed at the command's step ${k}: ${refSteps[k - 1]}`);
       await checkPoints(t, folder, states, `k=${k} after the crash`);
-      const again = await imagekeep(['process', folder, ...NIGHT]);
-      t.equal(again.code, 0, `k=${k}: the rerun completes ${again.stderr}`);
+      const again = await processNight(folder);
+      t.ok(again.ok, `k=${k}: the rerun completes ${JSON.stringify(again.actions.filter((a) => a.error))}`);
       t.same((await readdir(folder)).filter((x) => x.startsWith('.imagekeep-tmp') || x === '.imagekeep.lock'), [], `k=${k}: no temporary file or lock left`);
       t.same((await readdir(folder)).filter((x) => /\.(sp[fi]|md5)$/.test(x)).sort(), refImages, `k=${k}: the same files as an uninterrupted night`);
       await checkPoints(t, folder, states, `k=${k} after the rerun`);
       await rm(folder, { recursive: true });
     }
-    t.ok(steps > 10, `the night has ${steps} durable steps, each crashed once`);
+    t.ok(steps > 10 && steps === refSteps.length, `the night has ${steps} durable steps, each crashed once`);
   });
 
   t.test('removal into Incrementals/', async (t) => {
     const folder = join(dir, 'moved');
     await cp(template, folder, { recursive: true });
-    const r = await imagekeep(['process', folder, ...NIGHT, '--removal', 'move']);
+    const r = await imagekeepPlain(['process', folder, ...NIGHT, '--removal', 'move']);
     t.equal(r.code, 0, r.stderr);
     const moved = (await readdir(join(folder, 'Incrementals'))).sort();
     t.ok(moved.includes('C_VOL-b001-i001.spi') && moved.includes('C_VOL-b001-i001.md5'), moved.join(' '));
