@@ -24,9 +24,10 @@ export interface RunResult {
  */
 const plainNodeOptions = (process.env.NODE_OPTIONS ?? '').split(/\s+/).filter((o) => o !== '' && !o.includes('@tapjs/processinfo')).join(' ');
 
-export function imagekeep(args: string[], env: Record<string, string> = {}): Promise<RunResult> {
+/** `node ARGS` with `env` added to this process's environment, minus tap's hook. */
+export function runNode(args: string[], env: Record<string, string> = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    const p = spawn('env', [`NODE_OPTIONS=${plainNodeOptions}`, process.execPath, BIN, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const p = spawn('env', [`NODE_OPTIONS=${plainNodeOptions}`, process.execPath, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     p.stdout.on('data', (d) => (stdout += d));
@@ -34,6 +35,11 @@ export function imagekeep(args: string[], env: Record<string, string> = {}): Pro
     p.on('error', reject);
     p.on('close', (code, signal) => resolve({ code: code ?? (signal === 'SIGKILL' ? 137 : 128), stdout, stderr }));
   });
+}
+
+/** The built `imagekeep` command, as a user runs it. */
+export function imagekeep(args: string[], env: Record<string, string> = {}): Promise<RunResult> {
+  return runNode([BIN, ...args], env);
 }
 
 export async function sha256File(path: string): Promise<string> {
