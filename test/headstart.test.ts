@@ -11,7 +11,7 @@ import { KeyRing } from '../src/chain/image/reader.js';
 import { SshHost, LocalHost, type Host } from '../src/headstart/host.js';
 import { validateJob, type Job } from '../src/headstart/job.js';
 import { runPass, type StandbyContext } from '../src/headstart/standby.js';
-import { loadStandbyState } from '../src/headstart/standby-state.js';
+import { loadStandbyState, saveStandbyState } from '../src/headstart/standby-state.js';
 import { qemuCheck, qemuCompare, qemuInfo, runTool } from './helpers/disk-tools.js';
 import { imagekeep, readFileAt, sha256File, tempDir } from './helpers/cli.js';
 import { parseSftpWrites, startSshd, type SftpWrite } from './helpers/sshd.js';
@@ -184,6 +184,15 @@ t.test('lag: daily applies only points that end a daily file', async (t) => {
   const newest = await pass({ ...daily, lag: 'newest' }, new LocalHost(), target, { now: Date.UTC(2026, 10, 3, 12) });
   t.equal(newest.applied?.point, 7, 'newest: the newest point');
   t.equal((await qemuCompare(copy, join(target, 'd.vhdx'), 'vhdx')).code, 0);
+
+  // An apply to point 7 cut short after writing its blocks, and point 7's file found bad since:
+  // writing the blocks changed up to 6 would leave point 7's own changes on the disk, so the
+  // run must refuse rather than record point 6.
+  const host = new LocalHost();
+  const state = (await loadStandbyState(host, target, 'd.vhdx'))!;
+  await saveStandbyState(host, target, { ...state, applied: r.applied, applying: state.applied });
+  await writeFile(join(d.folder, 'SYS-b001.bad.log'), 'SYS-b001-i007.spi\tdamaged (test)\n');
+  await t.rejects(pass({ ...daily, lag: 'newest' }, host, target, { now: Date.UTC(2026, 10, 3, 12) }), { code: 'MID_APPLY' }, 'a cut-short apply is never "finished" to an older point');
 });
 
 t.test('unknown and changed host keys are refused', async (t) => {

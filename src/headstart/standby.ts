@@ -19,7 +19,7 @@ import type { KeyRing } from '../chain/image/reader.js';
 import { PointInTime } from '../chain/point.js';
 import { bestEndingAt } from '../chain/path.js';
 import type { Host } from './host.js';
-import type { Job, Lag } from './job.js';
+import { parseLag, type Job, type Lag } from './job.js';
 import { basePoint, chooseTarget, currentChain, type SourceChain, type SourcePoint } from './source-points.js';
 import { loadStandbyState, saveStandbyState, seedingName, type SeedProgress, type StandbyPoint, type StandbyState } from './standby-state.js';
 import { ThrottledFile } from './throttle.js';
@@ -103,21 +103,23 @@ export async function runPass(ctx: StandbyContext): Promise<RunReport> {
   }
 
   const applied = state.applied!;
-  const lag = ctx.lag ?? parseLagOf(job);
+  const lag = ctx.lag ?? parseLag(job.lag);
   const now = ctx.now ?? Date.now();
   let target = await chooseTarget(job.source, chain, lag, now, applied.point);
-  if (!target && state.applying) {
-    // An apply was cut short: finish it even if the policy would now wait.
-    target = await chooseTarget(job.source, chain, { kind: 'newest' }, now, applied.point);
+  const cut = state.applying;
+  if (cut && (!target || target.point < cut.point)) {
+    // An apply to `cut` was cut short: the disk may hold any block changed up to it at its
+    // content there, so only a point at or after it can be reached by writing changed blocks.
+    // Finish it even if the policy would now wait.
+    target = await chooseTarget(job.source, chain, { kind: 'newest' }, now, cut.point - 1);
+    if (!target) {
+      throw new RefusedError('MID_APPLY', `${host.label}:${diskPath(ctx)} was cut short while moving to point ${cut.point}, and no sound point at or after it is left in ${job.source}; ` +
+        'remove the disk and its state file to seed it afresh');
+    }
   }
   if (!target) return { applied, steps, upToDate: steps.length === 0 };
   steps.push(await apply(ctx, state, applied, target));
   return { applied: { point: target.point, pointId: target.pointId, time: target.time }, steps, upToDate: false };
-}
-
-function parseLagOf(job: Job): Lag {
-  if (job.lag === 'newest' || job.lag === 'daily') return { kind: job.lag };
-  return { kind: 'hours', hours: Number(job.lag.slice(0, -1)) };
 }
 
 /** Does the chain still hold the history the disk was written from (same point id where a file ends there)? */
