@@ -45,19 +45,40 @@ export function addProcessCommand(program: Command): void {
       };
       const config = await loadProcessConfig(folders, o.config, flags);
       const keyring = new KeyRing(await readPassword(o.passwordFile));
-      const reports: ProcessReport[] = [];
+      const reports: (ProcessReport | FolderFailure)[] = [];
       const queue = [...config.folders];
+      // One folder's failure (locked by a backup, unreadable) is reported and the others still run.
       const worker = async () => {
         for (let f = queue.shift(); f; f = queue.shift()) {
-          const now = o.now ? parseLocalTime(o.now, f.settings.timeZone, '--now') : Date.now();
           const prefix = config.folders.length > 1 ? `${f.path}: ` : '';
-          reports.push(await processFolder(f.path, f.settings, {
-            now, dryRun: !!o.dryRun, keyring, onLog: o.json ? undefined : (line) => console.log(prefix + line),
-          }));
+          try {
+            const now = o.now ? parseLocalTime(o.now, f.settings.timeZone, '--now') : Date.now();
+            reports.push(await processFolder(f.path, f.settings, {
+              now, dryRun: !!o.dryRun, keyring, onLog: o.json ? undefined : (line) => console.log(prefix + line),
+            }));
+          } catch (e) {
+            if (config.folders.length === 1) throw e;
+            reports.push({ folder: f.path, ok: false, error: (e as Error).message });
+          }
         }
       };
       await Promise.all(Array.from({ length: Math.min(config.concurrency, config.folders.length) }, worker));
       if (o.json) console.log(JSON.stringify(reports.length === 1 ? reports[0] : reports, null, 2));
+      for (const r of reports) for (const line of failureLines(r)) process.stderr.write(`imagekeep: ${line}\n`);
       if (reports.some((r) => !r.ok)) process.exitCode = 1;
     });
+}
+
+interface FolderFailure {
+  folder: string;
+  ok: false;
+  error: string;
+}
+
+/** What went wrong in a folder, a line each (the log lines above say it in full). */
+function failureLines(r: ProcessReport | FolderFailure): string[] {
+  if ('error' in r) return [r.error.includes(r.folder) ? r.error : `${r.folder}: ${r.error}`];
+  const lines = (r.verified?.checked ?? []).filter((c) => !c.ok).map((c) => `${r.folder}: ${c.name} failed verification: ${c.reason}`);
+  for (const a of r.actions) if (a.error) lines.push(`${r.folder}: ${a.kind === 'collapse' ? `collapse into ${a.name}` : `removal of ${a.name}`} failed: ${a.error}`);
+  return lines;
 }
