@@ -8,7 +8,7 @@ import { loadProcessConfig } from '../src/chain/config.js';
 import { FolderLock } from '../src/chain/lock.js';
 import { defaultPolicySettings } from '../src/chain/policy/settings.js';
 import { imagekeep, tempDir } from './helpers/cli.js';
-import { makeRawDisk, scribble } from './helpers/rawdisk.js';
+import { twoDayChain } from './helpers/rawdisk.js';
 
 const run = promisify(execFile);
 const NOW = '2026-10-03T00:05:00Z';
@@ -31,15 +31,7 @@ t.test('process with a config file', async (t) => {
   t.teardown(cleanup);
   const src = join(dir, 'disk.raw');
   const template = join(dir, 'template');
-  await makeRawDisk(src, 2 * 2 ** 20, 71, 2 ** 20);
-  let n = 0;
-  for (const day of ['2026-10-01', '2026-10-02']) {
-    for (const hour of ['01', '09', '17']) {
-      if (n++ > 0) await scribble(src, 700 + n, 3, 20_000);
-      const r = await imagekeep(['backup', src, template, '--block-size', '4096', '--at', `${day}T${hour}:00:00Z`]);
-      t.equal(r.code, 0, r.stderr);
-    }
-  }
+  await twoDayChain(src, template, 71);
   const folder = async (name: string) => {
     const path = join(dir, name);
     await cp(template, path, { recursive: true });

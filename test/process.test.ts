@@ -12,7 +12,7 @@ import { openPoint } from '../src/chain/open.js';
 import { processFolder } from '../src/chain/process.js';
 import { ROOT, sha256File, tempDir, type RunResult } from './helpers/cli.js';
 import { imagekeepPlain, runNode } from './helpers/plain-spawn.js';
-import { makeRawDisk, scribble } from './helpers/rawdisk.js';
+import { twoDayChain } from './helpers/rawdisk.js';
 
 const run = promisify(execFile);
 const NOW = '2026-10-03T00:05:00Z';
@@ -90,16 +90,7 @@ t.test('process', async (t) => {
   t.teardown(cleanup);
   const src = join(dir, 'disk.raw');
   const template = join(dir, 'template');
-  await makeRawDisk(src, 2 * 2 ** 20, 61, 2 ** 20);
-  const states = new Map<number, string>();
-  let n = 0;
-  for (const day of ['2026-10-01', '2026-10-02']) {
-    for (const hour of ['01', '09', '17']) {
-      if (n > 0) await scribble(src, 600 + n, 3, 20_000);
-      t.equal((await imagekeepPlain(['backup', src, template, '--block-size', '4096', '--at', `${day}T${hour}:00:00Z`])).code, 0);
-      states.set(n++, await sha256File(src));
-    }
-  }
+  const states = await twoDayChain(src, template, 61);
 
   t.test('--dry-run changes nothing', async (t) => {
     const before = await listing(template);

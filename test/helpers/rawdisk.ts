@@ -1,7 +1,7 @@
 // Raw disks without filesystems for format and chain tests: each write has its own pattern,
 // so a block read from the wrong point is caught.
 import { open } from 'node:fs/promises';
-import { prng } from './cli.js';
+import { imagekeep, prng, sha256File } from './cli.js';
 
 /** Creates a sparse file of `size` bytes with `dataBlocks` random 64 KiB blocks and some text blocks. */
 export async function makeRawDisk(path: string, size: number, seed: number, dataBytes = Math.min(size / 2, 8 * 2 ** 20)): Promise<void> {
@@ -38,4 +38,24 @@ export async function scribble(path: string, seed: number, count: number, maxLen
     await h.close();
   }
   return done;
+}
+
+/**
+ * A chain of two past days (2026-10-01 and -02), three backups a day at 01, 09 and 17 UTC,
+ * of a 2 MiB raw disk in 4 KiB blocks, scribbled on between backups: what `process --now
+ * 2026-10-03T00:05Z` collapses into two dailies. Returns the disk's sha256 at each point.
+ */
+export async function twoDayChain(src: string, folder: string, seed: number): Promise<Map<number, string>> {
+  await makeRawDisk(src, 2 * 2 ** 20, seed, 2 ** 20);
+  const states = new Map<number, string>();
+  let n = 0;
+  for (const day of ['2026-10-01', '2026-10-02']) {
+    for (const hour of ['01', '09', '17']) {
+      if (n > 0) await scribble(src, seed * 10 + n, 3, 20_000);
+      const r = await imagekeep(['backup', src, folder, '--block-size', '4096', '--at', `${day}T${hour}:00:00Z`]);
+      if (r.code !== 0) throw new Error(`backup of point ${n} failed: ${r.stderr}`);
+      states.set(n++, await sha256File(src));
+    }
+  }
+  return states;
 }
