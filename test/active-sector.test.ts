@@ -6,8 +6,7 @@ import { mkdir, open, stat, writeFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { makeDisk, openDisk } from '../src/devkit/index.js';
-import { prng, sha256File, tempDir } from './helpers/cli.js';
-import { imagekeepPlain } from './helpers/plain-spawn.js';
+import { imagekeep, prng, sha256File, tempDir } from './helpers/cli.js';
 
 const run = promisify(execFile);
 const MiB = 2 ** 20;
@@ -79,14 +78,14 @@ t.test('active sector on a 4 GiB disk', async (t) => {
   t.ok(fileBytes >= 200 * MiB, `the disk holds ${Math.round(fileBytes / MiB)} MiB of files`);
 
   const folder = join(dir, 'backups');
-  const full = await imagekeepPlain(['backup', disk.path, folder, '--compress', 'none', '--at', '2026-06-01T00:00:00Z', '--json']);
+  const full = await imagekeep(['backup', disk.path, folder, '--compress', 'none', '--at', '2026-06-01T00:00:00Z', '--json']);
   t.equal(full.code, 0, full.stderr);
   const base = join(folder, 'C_VOL-b001.spf');
   const baseSize = (await stat(base)).size;
   t.ok(baseSize < 250 * MiB, `base is ${Math.round(baseSize / MiB)} MiB with --compress none (< 250 MiB)`);
 
   const restored = join(dir, 'restored.img');
-  const rr = await imagekeepPlain(['restore', base, restored]);
+  const rr = await imagekeep(['restore', base, restored]);
   t.equal(rr.code, 0, rr.stderr);
   const ntfsFile = join(dir, 'p-ntfs.img');
   await extract(restored, ntfs.offset, ntfs.length, ntfsFile);
@@ -111,10 +110,10 @@ t.test('active sector on a 4 GiB disk', async (t) => {
   await run('umount', [mnt]);
   await new Promise((r) => setTimeout(r, 500));
   t.equal(await countHolding(disk.path, markerBlocks, template), markerBlocks.length, 'the freed marker bytes are still on the source disk, in each of those blocks');
-  const inc = await imagekeepPlain(['backup', disk.path, folder, '--at', '2026-06-01T01:00:00Z']);
+  const inc = await imagekeep(['backup', disk.path, folder, '--at', '2026-06-01T01:00:00Z']);
   t.equal(inc.code, 0, inc.stderr);
   const point = join(dir, 'point1.raw');
-  t.equal((await imagekeepPlain(['export', join(folder, 'C_VOL-b001-i001.spi'), point])).code, 0);
+  t.equal((await imagekeep(['export', join(folder, 'C_VOL-b001-i001.spi'), point])).code, 0);
   // Every 64 KiB block that the marker filled in the base point reads as zero now.
   t.equal(await countHolding(point, markerBlocks, Buffer.alloc(BLOCK)), markerBlocks.length, 'each of them reads as zero in the incremental point');
   // The incremental point's ext4, mounted read-only with fuse2fs: the zeroed file reads as

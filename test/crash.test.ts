@@ -6,8 +6,7 @@ import { join } from 'node:path';
 import { describeFolder } from '../src/chain/describe.js';
 import { KeyRing } from '../src/chain/image/reader.js';
 import { openPoint } from '../src/chain/open.js';
-import { sha256File, tempDir } from './helpers/cli.js';
-import { imagekeepPlain } from './helpers/plain-spawn.js';
+import { imagekeep, sha256File, tempDir } from './helpers/cli.js';
 import { makeRawDisk, scribble } from './helpers/rawdisk.js';
 
 /** sha256 of an image's point in time, read whole through the library. */
@@ -30,10 +29,10 @@ t.test('every durable step of a small incremental', async (t) => {
   const template = join(dir, 'template');
   await makeRawDisk(src, 8 * 2 ** 20 + 512 * 3, 7, 2 * 2 ** 20);
   const hashes: string[] = [await sha256File(src)];
-  t.equal((await imagekeepPlain(['backup', src, template, '--at', '2026-01-01T00:00:00Z'])).code, 0);
+  t.equal((await imagekeep(['backup', src, template, '--at', '2026-01-01T00:00:00Z'])).code, 0);
   await scribble(src, 8, 5, 100_000);
   hashes.push(await sha256File(src));
-  t.equal((await imagekeepPlain(['backup', src, template, '--at', '2026-01-01T01:00:00Z'])).code, 0);
+  t.equal((await imagekeep(['backup', src, template, '--at', '2026-01-01T01:00:00Z'])).code, 0);
   await scribble(src, 9, 5, 100_000);
   const newHash = await sha256File(src);
 
@@ -45,7 +44,7 @@ t.test('every durable step of a small incremental', async (t) => {
   for (let k = 1; k < 200; k++) {
     const folder = join(dir, `k${k}`);
     await cp(template, folder, { recursive: true });
-    const r = await imagekeepPlain(['backup', src, folder, '--at', '2026-01-01T02:00:00Z'], { IMAGEKEEP_CRASH_AT: String(k) });
+    const r = await imagekeep(['backup', src, folder, '--at', '2026-01-01T02:00:00Z'], { IMAGEKEEP_CRASH_AT: String(k) });
     if (r.code === 0) {
       completedAt = k;
       await rm(folder, { recursive: true });
@@ -55,7 +54,7 @@ t.test('every durable step of a small incremental', async (t) => {
     // The folder is valid: every image under a final name opens and reads its point.
     const listing = await describeFolder(folder);
     if (k === 1) {
-      const ls = await imagekeepPlain(['ls', folder, '--json']);
+      const ls = await imagekeep(['ls', folder, '--json']);
       t.equal(ls.code, 0, `k=${k}: ls works`);
       t.same(JSON.parse(ls.stdout), JSON.parse(JSON.stringify(listing)), `k=${k}: imagekeep ls --json shows what describeFolder finds`);
     }
@@ -64,7 +63,7 @@ t.test('every durable step of a small incremental', async (t) => {
     const names = chain.files.map((f) => f.name);
     t.ok(names.length === 2 || names.length === 3, `k=${k}: ${names.join(' ')}`);
     // The next backup works (a finished image is there already or gets written now).
-    const again = await imagekeepPlain(['backup', src, folder, '--at', '2026-01-01T03:00:00Z']);
+    const again = await imagekeep(['backup', src, folder, '--at', '2026-01-01T03:00:00Z']);
     t.equal(again.code, 0, `k=${k}: next backup works ${again.stderr}`);
     const after = await readdir(folder);
     t.same(after.filter((n) => n.startsWith('.imagekeep-tmp-')), [], `k=${k}: no temporary files left`);
@@ -76,7 +75,7 @@ t.test('every durable step of a small incremental', async (t) => {
     if (k === 1) {
       const newest = final.at(-1)!;
       const out = join(dir, `k${k}-${newest.last}.raw`);
-      t.equal((await imagekeepPlain(['export', join(folder, newest.name), out])).code, 0);
+      t.equal((await imagekeep(['export', join(folder, newest.name), out])).code, 0);
       t.equal(await sha256File(out), newHash, `k=${k}: imagekeep export of ${newest.name} reads its point`);
       await rm(out);
     }

@@ -10,8 +10,7 @@ import { loadProcessConfig } from '../src/chain/config.js';
 import { KeyRing } from '../src/chain/image/reader.js';
 import { openPoint } from '../src/chain/open.js';
 import { processFolder } from '../src/chain/process.js';
-import { ROOT, sha256File, tempDir, type RunResult } from './helpers/cli.js';
-import { imagekeepPlain, runNode } from './helpers/plain-spawn.js';
+import { ROOT, imagekeep, runNode, sha256File, tempDir, type RunResult } from './helpers/cli.js';
 import { twoDayChain } from './helpers/rawdisk.js';
 
 const run = promisify(execFile);
@@ -94,7 +93,7 @@ t.test('process', async (t) => {
 
   t.test('--dry-run changes nothing', async (t) => {
     const before = await listing(template);
-    const r = await imagekeepPlain(['process', template, ...NIGHT, '--dry-run']);
+    const r = await imagekeep(['process', template, ...NIGHT, '--dry-run']);
     t.equal(r.code, 0, r.stderr);
     t.match(r.stdout, /would collapse .* into C_VOL-b001-i002-cd.spi/);
     t.match(r.stdout, /would remove C_VOL-b001-i001.spi/);
@@ -104,7 +103,7 @@ t.test('process', async (t) => {
   // The reference: the same night, uninterrupted, by the command, with its durable steps.
   const reference = join(dir, 'reference');
   await cp(template, reference, { recursive: true });
-  const ref = await imagekeepPlain(['process', reference, ...NIGHT], { IMAGEKEEP_CRASH_TRACE: '1' });
+  const ref = await imagekeep(['process', reference, ...NIGHT], { IMAGEKEEP_CRASH_TRACE: '1' });
   t.equal(ref.code, 0, ref.stderr);
   const refSteps = stepsOf(ref.stderr, reference);
   const refImages = (await readdir(reference)).filter((x) => /\.(sp[fi]|md5)$/.test(x)).sort();
@@ -140,7 +139,7 @@ t.test('process', async (t) => {
   t.test('removal into Incrementals/', async (t) => {
     const folder = join(dir, 'moved');
     await cp(template, folder, { recursive: true });
-    const r = await imagekeepPlain(['process', folder, ...NIGHT, '--removal', 'move']);
+    const r = await imagekeep(['process', folder, ...NIGHT, '--removal', 'move']);
     t.equal(r.code, 0, r.stderr);
     const moved = (await readdir(join(folder, 'Incrementals'))).sort();
     t.ok(moved.includes('C_VOL-b001-i001.spi') && moved.includes('C_VOL-b001-i001.md5'), moved.join(' '));

@@ -12,7 +12,7 @@
 import { isAllZero } from '../formats/bytes.js';
 import type { DiskImage, DiskWriter } from '../formats/disk-image.js';
 import { ImagekeepError } from '../formats/errors.js';
-import { blockDigest } from '../chain/image/crypto.js';
+import { blockDigestMatches } from '../chain/image/crypto.js';
 import { DecodePool } from '../chain/image/decode-pool.js';
 import { blockLength } from '../chain/image/layout.js';
 import type { PointInTime } from '../chain/point.js';
@@ -148,7 +148,7 @@ export async function readBack(point: PointInTime, disk: DiskImage, selected: (b
       const b = run.first + i;
       const got = data.subarray(i * bs, i * bs + blockLength(b, point.size, bs));
       const loc = point.locate(b);
-      const ok = loc ? blockDigest(got, digestKey).equals(loc.image.digestAt(loc.pos)) : isAllZero(got);
+      const ok = loc ? blockDigestMatches(got, digestKey, loc.image.digestAt(loc.pos)) : isAllZero(got);
       if (!ok) {
         throw new StandbyMismatchError(
           `${diskName}: block ${b} (bytes ${b * bs}..${b * bs + got.length - 1}) does not hold what the chain has for it at point ${point.top.header.last}; ` +
